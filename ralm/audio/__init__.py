@@ -1,0 +1,5 @@
+"""Audio decoding, resampling and validation."""
+
+from ralm.audio.io import AudioError, decode, load_audio, probe, resample, validate
+
+__all__ = ["AudioError", "decode", "load_audio", "probe", "resample", "validate"]

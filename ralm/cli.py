@@ -1,0 +1,94 @@
+"""`ralm <stage> --config FILE [--run-dir DIR] [key=value ...]`, `ralm run`, `ralm config`.
+
+Every stage command follows one convention: the config (a path or a name under configs/), optional
+run dir (default: `storage.run_dir` of the config), then `a.b.c=value` overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from ralm.config import ConfigError, dump_config, load_config
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", default="demo", help="config file or name under configs/ (default: demo)")
+    p.add_argument("--run-dir", default=None, help="where stage outputs go (default: storage.run_dir)")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ralm.pipeline import STAGES
+
+    parser = argparse.ArgumentParser(prog="ralm", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    corpus = sub.add_parser("corpus", help="build the corpus dataset")
+    corpus_sub = corpus.add_subparsers(dest="action", required=True)
+    _common(corpus_sub.add_parser("build", help=STAGES["corpus"].help))
+
+    for name, stage in STAGES.items():
+        if name != "corpus":
+            _common(sub.add_parser(name, help=stage.help))
+
+    run = sub.add_parser("run", help="every stage in order, skipping finished ones")
+    _common(run)
+    run.add_argument("--stages", default=None, help="comma-separated subset, e.g. corpus,features")
+
+    cfg = sub.add_parser("config", help="print the fully resolved config")
+    _common(cfg)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"ralm: {e}", file=sys.stderr)
+        return 2
+    from ralm import pipeline
+
+    run_dir = args.run_dir or cfg.storage.run_dir
+    if args.command == "config":
+        print(dump_config(cfg), end="")
+        return 0
+    try:
+        if args.command == "run":
+            stages = args.stages.split(",") if args.stages else None
+            unknown = [s for s in stages or [] if s not in pipeline.STAGES]
+            if unknown:
+                print(f"ralm: unknown stage(s) {unknown}; stages: {list(pipeline.STAGES)}", file=sys.stderr)
+                return 2
+            pipeline.run_all(cfg, run_dir, stages)
+            print(f"run complete: {run_dir}")
+            return 0
+        stage = "corpus" if args.command == "corpus" else args.command
+        uri = pipeline.run_stage(stage, cfg, run_dir)
+        _print_report(uri)
+        return 0
+    except (ConfigError, FileNotFoundError, RuntimeError, ValueError, KeyError) as e:
+        print(f"ralm {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _print_report(stage_uri: str) -> None:
+    from ralm import storage
+
+    md = storage.join(stage_uri, "report.md")
+    if storage.exists(md):
+        print(storage.read_bytes(md).decode())
+    print(f"output: {stage_uri}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

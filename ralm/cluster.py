@@ -1,0 +1,79 @@
+"""Attach to a running Ray cluster or start a local one sized for this machine. Every stage calls `init_ray`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Environment variables that Ray workers must see (storage endpoint, thread caps, offline hubs).
+_FORWARDED_ENV = ("RALM_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                  "AWS_DEFAULT_REGION", "RALM_CACHE_DIR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def runtime_env_vars() -> dict[str, str]:
+    env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
+    # Nothing downloads from a model hub at run time in the embedded default.
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def local_num_cpus(requested: int | None = None) -> int:
+    # On a 2-core machine Ray Data deadlocks when an actor pool takes every CPU and read tasks starve
+    # (stack.md gotcha 3): advertise at least 4 logical CPUs; actors use fractional CPUs anyway.
+    return requested or max(4, os.cpu_count() or 1)
+
+
+def init_ray(ray_cfg: Any | None = None, **overrides: Any) -> Any:
+    """Return the Ray context, connecting or starting as configured. Idempotent."""
+    import ray
+
+    if ray.is_initialized():
+        return ray.get_runtime_context()
+    address = (getattr(ray_cfg, "address", None) if ray_cfg else None) or os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = {
+        "namespace": getattr(ray_cfg, "namespace", "ralm") if ray_cfg else "ralm",
+        "runtime_env": {"env_vars": runtime_env_vars()},
+        "log_to_driver": True,
+        "ignore_reinit_error": True,
+    }
+    if address:
+        log.info("attaching to Ray at %s", address)
+        ray.init(address=address, **kwargs, **overrides)
+    else:
+        num_cpus = local_num_cpus(getattr(ray_cfg, "num_cpus", None) if ray_cfg else None)
+        obj_mb = getattr(ray_cfg, "object_store_memory_mb", None) if ray_cfg else None
+        log.info("starting a local Ray with %d logical CPUs", num_cpus)
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=bool(getattr(ray_cfg, "include_dashboard", False)) if ray_cfg else False,
+            dashboard_host="127.0.0.1",
+            _node_ip_address="127.0.0.1",
+            object_store_memory=obj_mb * 1024 * 1024 if obj_mb else None,
+            **kwargs,
+            **overrides,
+        )
+    _quiet_ray_data()
+    return ray.get_runtime_context()
+
+
+def _quiet_ray_data() -> None:
+    try:
+        from ray.data import DataContext
+
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars = True
+        ctx.print_on_execution_start = False
+    except Exception:  # pragma: no cover - cosmetic only
+        pass
+
+
+def shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

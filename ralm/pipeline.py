@@ -1,0 +1,74 @@
+"""The ordered stages of a ralm run. Each is `run(cfg, run_dir) -> stage URI`; a stage with `_SUCCESS`
+is skipped, so rerunning after a crash picks up where it stopped."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ralm import records, storage
+from ralm.config import RalmConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    target: str  # "module:function"
+    help: str
+
+    def load(self) -> Callable[..., str]:
+        module, func = self.target.split(":")
+        try:
+            return getattr(importlib.import_module(module), func)
+        except ModuleNotFoundError as e:
+            raise RuntimeError(f"stage {self.name!r} is not available in this build ({e})") from None
+
+
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        Stage("corpus", "ralm.corpus.build:run", "recipes -> validated clip records with surrogates"),
+        Stage("prompts", "ralm.selfgen.prompts:run", "task prompts per clip (LLM-proposed, checked)"),
+        Stage("generate", "ralm.selfgen.generate:run", "self-generation: the frozen LLM answers from the surrogate"),
+        Stage("rephrase", "ralm.selfgen.rephrase:run", "self-rephrasing into audio-perception targets"),
+        Stage("features", "ralm.features.pipeline:run", "frozen encoders -> WebDataset feature shards"),
+        Stage("train", "ralm.train.trainer:run", "adapter training with Ray Train + DeepSpeed"),
+        Stage("eval", "ralm.eval.run:run", "held-out MCQ evaluation with controls"),
+    )
+}
+ORDER = tuple(STAGES)
+
+
+def run_stage(name: str, cfg: RalmConfig, run_dir: str | None = None, **kwargs: Any) -> str:
+    run_dir = run_dir or cfg.storage.run_dir
+    storage.configure(cfg.storage)
+    return STAGES[name].load()(cfg, run_dir, **kwargs)
+
+
+def run_all(cfg: RalmConfig, run_dir: str | None = None, stages: list[str] | None = None) -> dict[str, Any]:
+    """Run the stages in order, skipping complete ones; returns wall time per stage."""
+    run_dir = run_dir or cfg.storage.run_dir
+    storage.configure(cfg.storage)
+    timings: dict[str, Any] = {}
+    timings_uri = storage.join(run_dir, "timings.json")
+    if storage.exists(timings_uri):
+        timings = storage.read_json(timings_uri)
+    selected = stages or list(ORDER)
+    for i, name in enumerate(selected, 1):
+        uri = cfg.stage_uri(name, run_dir)
+        if records.is_complete(uri):
+            print(f"[{i}/{len(selected)}] {name}: complete, skipped ({uri})", flush=True)
+            continue
+        print(f"[{i}/{len(selected)}] {name}: {STAGES[name].help}", flush=True)
+        t0 = time.time()
+        run_stage(name, cfg, run_dir)
+        timings[name] = round(time.time() - t0, 1)
+        storage.write_json(timings_uri, timings)
+        print(f"[{i}/{len(selected)}] {name}: done in {timings[name]:.0f}s", flush=True)
+    return timings
