@@ -42,6 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     cfg = sub.add_parser("config", help="print the fully resolved config")
     _common(cfg)
+
+    submit = sub.add_parser("submit", help="run a stage or the whole pipeline as a Ray job")
+    submit.add_argument("target", choices=[*STAGES, "run"], help="a stage name or 'run'")
+    submit.add_argument("--address", default=os.environ.get("RAY_JOB_ADDRESS", "http://127.0.0.1:8265"),
+                        help="Ray dashboard/job address (default $RAY_JOB_ADDRESS or http://127.0.0.1:8265)")
+    submit.add_argument("--runtime-env", default=None, help="runtime env YAML (default jobs/runtime_env.yaml)")
+    submit.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
+    submit.add_argument("--submission-id", default=None)
+    _common(submit)
+
+    plan = sub.add_parser("plan", help="projected GPU-hours, storage and tokens for a corpus size")
+    plan.add_argument("--hours", type=float, required=True, help="hours of audio")
+    plan.add_argument("--instances", type=int, required=True, help="training instances (prompt, target) pairs")
+    plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _common(plan)
     return parser
 
 
@@ -62,6 +77,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "config":
         print(dump_config(cfg), end="")
         return 0
+    if args.command == "plan":
+        from ralm import plan
+
+        estimate = plan.estimate(cfg, hours=args.hours, instances=args.instances)
+        print(plan.render_json(estimate) if args.json else plan.render_table(estimate))
+        return 0
+    if args.command == "submit":
+        from ralm.submit import submit
+
+        _, status = submit(args.target, args.address, args.config, args.run_dir, args.overrides,
+                           runtime_env=args.runtime_env, follow=args.follow, submission_id=args.submission_id)
+        return 0 if status in (None, "SUCCEEDED") else 1
     try:
         if args.command == "run":
             stages = args.stages.split(",") if args.stages else None

@@ -62,11 +62,15 @@ def init_ray(ray_cfg: Any | None = None, **overrides: Any) -> Any:
 
 
 def _quiet_ray_data() -> None:
+    # Stages show their own progress bar; Ray Data's per-operator log lines would drown it.
+    if os.environ.get("RALM_VERBOSE"):
+        return
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
         from ray.data import DataContext
 
         ctx = DataContext.get_current()
-        ctx.enable_progress_bars = True
+        ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
     except Exception:  # pragma: no cover - cosmetic only
         pass

@@ -126,8 +126,8 @@ def run(cfg: RalmConfig, run_dir: str | None = None, progress: bool = True) -> s
     check_cfg = cfg.corpus.model_dump(include={"max_file_mb", "max_seconds", "min_seconds", "silence_dbfs", "seed"})
     seen: set[str] = set()
     pending = (item for item in scan(cfg, run_dir))
-    bar = tqdm(desc="corpus: checking audio", unit="clip", disable=not progress)
     init_ray(cfg.ray)
+    bar = tqdm(desc="corpus: checking audio", unit="clip", disable=not progress)
     with data_w, rej_w:
         while True:
             chunk = list(islice(pending, CHUNK))
