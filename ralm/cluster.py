@@ -37,10 +37,16 @@ def init_ray(ray_cfg: Any | None = None, **overrides: Any) -> Any:
     address = (getattr(ray_cfg, "address", None) if ray_cfg else None) or os.environ.get("RAY_ADDRESS")
     kwargs: dict[str, Any] = {
         "namespace": getattr(ray_cfg, "namespace", "ralm") if ray_cfg else "ralm",
-        "runtime_env": {"env_vars": runtime_env_vars()},
         "log_to_driver": True,
         "ignore_reinit_error": True,
     }
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+        # Inside a submitted Ray job the job's runtime env already reaches every worker, and Ray refuses
+        # a driver runtime env that sets the same keys: only fill in what the job did not set.
+        for key, value in runtime_env_vars().items():
+            os.environ.setdefault(key, value)
+    else:
+        kwargs["runtime_env"] = {"env_vars": runtime_env_vars()}
     if address:
         log.info("attaching to Ray at %s", address)
         ray.init(address=address, **kwargs, **overrides)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ def load_runtime_env(path: str | Path | None = None, extra_env: dict[str, str] |
 
 
 def build_entrypoint(command: str, config: str, run_dir: str | None, overrides: list[str]) -> str:
-    args = [sys.executable if os.environ.get("RALM_JOB_PYTHON") == "self" else "python", ENTRYPOINT]
+    args = ["python", ENTRYPOINT]  # the cluster's python (the image's), not this machine's
     args += ["corpus", "build"] if command == "corpus" else [command]
     args += ["--config", config]
     if run_dir:
@@ -50,21 +49,49 @@ def build_entrypoint(command: str, config: str, run_dir: str | None, overrides: 
     return shlex.join(args)
 
 
+def auth_headers() -> dict[str, str]:
+    """Ray 2.60 clusters started locally require a token; `ray.init` finds it by itself, the job client
+    only when RAY_AUTH_MODE=token is set before Ray is imported. Send the user's token explicitly instead
+    (unless they chose RAY_AUTH_MODE=disabled). The token itself is never printed or logged."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return {}
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    token_path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if not token and token_path.is_file():
+        token = token_path.read_text().strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def job_client(address: str) -> Any:
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address, headers=auth_headers())
+
+
 def submit(command: str, address: str, config: str, run_dir: str | None = None, overrides: list[str] | None = None,
            runtime_env: str | None = None, follow: bool = False, submission_id: str | None = None,
            entrypoint_num_cpus: float | None = None) -> tuple[str, str | None]:
     """Submit; returns (job id, final status or None when not following)."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobStatus
 
-    client = JobSubmissionClient(address)
+    client = job_client(address)
     env = load_runtime_env(runtime_env)
     cfg_path = Path(config)
     if cfg_path.exists() and cfg_path.resolve().is_relative_to(REPO_ROOT):
         config = str(cfg_path.resolve().relative_to(REPO_ROOT))  # the job sees the uploaded copy
     entrypoint = build_entrypoint(command, config, run_dir, overrides or [])
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=env, submission_id=submission_id,
-                               entrypoint_num_cpus=entrypoint_num_cpus,
-                               metadata={"ralm_command": command, "ralm_config": config})
+    deadline = time.time() + 120
+    while True:
+        try:
+            job_id = client.submit_job(entrypoint=entrypoint, runtime_env=env, submission_id=submission_id,
+                                       entrypoint_num_cpus=entrypoint_num_cpus,
+                                       metadata={"ralm_command": command, "ralm_config": config})
+            break
+        except RuntimeError as e:
+            # A freshly started head answers before its job agent is up; that passes within seconds.
+            if "No available agent" not in str(e) or time.time() > deadline:
+                raise
+            time.sleep(2)
     print(f"submitted job {job_id}: {entrypoint}", flush=True)
     if not follow:
         print(f"follow it with: ray job logs --address {address} --follow {job_id}")

@@ -1,0 +1,80 @@
+"""`ralm submit` against a real local cluster started with `ray start --head` on 127.0.0.1."""
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from ralm import records
+from ralm.cli import main
+from tests import fixture_trees
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A separate head node (its own ports and temp dir); --block ties its life to this process."""
+    bin_dir = Path(sys.executable).parent
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    gcs, dash, agent, agent_grpc, renv, metrics = (_free_port() for _ in range(6))
+    temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's unix socket paths have a length limit
+    proc = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=4", "--include-dashboard=true",
+         f"--temp-dir={temp}", "--disable-usage-stats",
+         # Every port explicit: other Ray clusters on this machine (tests, other users) hold the defaults.
+         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--runtime-env-agent-port={renv}", f"--metrics-export-port={metrics}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    from ralm.submit import job_client
+
+    deadline = time.time() + 90
+    while True:
+        try:
+            job_client(address).list_jobs()
+            break
+        except Exception:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail("ray start --head did not come up")
+            time.sleep(1)
+    yield address
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+
+
+def test_submit_corpus_stage_as_ray_job(ray_head, tmp_path, capsys):
+    data = fixture_trees.manifest(tmp_path / "data")
+    run_dir = tmp_path / "run"
+    rc = main(["submit", "corpus", "--address", ray_head, "--follow", "--config", "configs/demo.yaml",
+               "--run-dir", str(run_dir), f"corpus.recipes=[{{name: manifest, root: {data}}}]"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "submitted job" in out and "SUCCEEDED" in out
+    uri = str(run_dir / "corpus")
+    assert records.is_complete(uri)
+    assert len(records.read_ids(records.data_uri(uri))) == 2
+    assert {r["reason"] for r in records.read_rejects(uri)} == {"corrupt", "empty", "silent", "malformed_row"}
+
+
+def test_submit_rejects_a_bad_config_before_submitting(ray_head, capsys):
+    assert main(["submit", "corpus", "--address", ray_head, "train.lr=oops"]) == 2
+    assert "train.lr" in capsys.readouterr().err
