@@ -26,7 +26,7 @@ from ralm.audio.io import AudioError, decode, probe, validate
 from ralm.config import CorpusConfig, RalmConfig
 from ralm.corpus.prompts import template_prompts
 from ralm.corpus.recipes import BadRow, RawClip, get_recipe
-from ralm.corpus.surrogate import format_surrogate
+from ralm.corpus.surrogate import Segment, format_surrogate
 
 log = logging.getLogger(__name__)
 STAGE = "corpus"
@@ -58,17 +58,19 @@ def check_clip(clip: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
     except Exception as e:  # an unexpected decoder failure is still just this clip's problem
         return {"reject": records.reject(clip["id"], STAGE, "corrupt", f"{type(e).__name__}: {e}",
                                          clip["source"], clip["audio_uri"])}
-    from ralm.corpus.surrogate import Segment
-
-    segments = [Segment(**s) for s in clip["segments"]] if clip["segments"] else None
-    surrogate = format_surrogate(duration, transcript=clip["transcript"], caption=clip["caption"],
-                                 segments=segments, metadata=clip["metadata"])
-    record = records.make_record(
-        id=clip["id"], clip_id=clip["id"], source=clip["source"], split=clip["split"], domain=clip["domain"],
-        audio_uri=clip["audio_uri"], offset_s=clip["offset_s"], duration_s=round(duration, 4),
-        sample_rate=sr, surrogate=surrogate, metadata=clip["metadata"],
-    )
-    record["prompts"] = [p for _, p in template_prompts(record, k=3, seed=cfg["seed"])]
+    try:
+        segments = [Segment(**s) for s in clip["segments"]] if clip["segments"] else None
+        surrogate = format_surrogate(duration, transcript=None if segments else clip["transcript"],
+                                     caption=clip["caption"], segments=segments, metadata=clip["metadata"])
+        record = records.make_record(
+            id=clip["id"], clip_id=clip["id"], source=clip["source"], split=clip["split"],
+            domain=clip["domain"], audio_uri=clip["audio_uri"], offset_s=clip["offset_s"],
+            duration_s=round(duration, 4), sample_rate=sr, surrogate=surrogate, metadata=clip["metadata"],
+        )
+        record["prompts"] = [p for _, p in template_prompts(record, k=3, seed=cfg["seed"])]
+    except Exception as e:  # a row whose fields don't fit together is this row's problem only
+        return {"reject": records.reject(clip["id"], STAGE, "invalid_record", f"{type(e).__name__}: {e}",
+                                         clip["source"], clip["audio_uri"])}
     return {"record": record}
 
 
