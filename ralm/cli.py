@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(run)
     run.add_argument("--stages", default=None, help="comma-separated subset, e.g. corpus,features")
 
+    rep = sub.add_parser("report", help="(re)write DIR/report.md and its plots from the stages' reports")
+    _common(rep)
+
     cfg = sub.add_parser("config", help="print the fully resolved config")
     _common(cfg)
 
@@ -82,6 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir = args.run_dir or cfg.storage.run_dir
     if args.command == "config":
         print(dump_config(cfg), end="")
+        return 0
+    if args.command == "report":
+        from ralm.report import write_report
+
+        print(write_report(run_dir))
         return 0
     if args.command == "plan":
         from ralm import plan

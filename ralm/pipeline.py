@@ -71,4 +71,13 @@ def run_all(cfg: RalmConfig, run_dir: str | None = None, stages: list[str] | Non
         timings[name] = round(time.time() - t0, 1)
         storage.write_json(timings_uri, timings)
         print(f"[{i}/{len(selected)}] {name}: done in {timings[name]:.0f}s", flush=True)
+        _refresh_report(run_dir)  # a crash later still leaves a report of what finished
+    report = _refresh_report(run_dir)
+    print(f"report: {report}", flush=True)
     return timings
+
+
+def _refresh_report(run_dir: str) -> str:
+    from ralm.report import write_report
+
+    return write_report(run_dir)
