@@ -99,6 +99,7 @@ class ServeConfig(Section):
     request_timeout_s: float = Field(300.0, gt=0)
     max_retries: int = Field(3, ge=0, description="Re-sends of a request whose replica died or timed out")
     app_name: str = Field("ralm-llm", description="Serve application name (also the served model name)")
+    route_prefix: str = Field("/", description="HTTP prefix of the app: the OpenAI base URL is {prefix}/v1")
     max_batch_size: int = Field(32, ge=1, description="Requests a replica merges into one engine call")
     batch_wait_timeout_s: float = Field(0.01, ge=0)
 
@@ -130,6 +131,11 @@ class PromptsConfig(Section):
     per_clip: int = Field(1, ge=1, description="Task prompts kept per clip")
     candidates: int = Field(4, ge=1, description="LLM-proposed candidates per clip before the checker")
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.9, max_new_tokens=96))
+    check: bool = Field(True, description="Ask the LLM checker (YES/NO) to filter proposed prompts")
+    # Test clips never get targets: they are held out for evaluation and must never reach training.
+    splits: list[str] = Field(default_factory=lambda: ["train", "valid"], description="Splits that get prompts")
+    seed: int = 0
+    part_rows: int = Field(256, ge=1, description="Clips per committed Parquet part")
 
 
 class GenerationConfig(Section):
@@ -138,9 +144,17 @@ class GenerationConfig(Section):
     )
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     best_of_n: int = Field(4, ge=1, description="Candidates sampled until one agrees with the metadata")
-    min_tokens: int = Field(1, ge=0)
-    max_tokens: int = Field(612, ge=1)
+    min_tokens: int = Field(1, ge=0, description="Shorter responses are not kept (ALARM: 100 on its 4B model)")
+    max_tokens: int = Field(612, ge=1, description="Longer responses are not kept (ALARM: 612)")
     part_rows: int = Field(64, ge=1)
+    backend: Literal["serve", "engine"] = Field(
+        "serve", description="serve: Ray Serve replicas through the batch client; engine: in-process (tests)"
+    )
+    fallback: Literal["metadata", "reject"] = Field(
+        "metadata",
+        description="No verified answer within best_of_n: a grounded answer from the metadata, labelled "
+        "verdicts.target_source=metadata_fallback (metadata) or a reject row (reject)",
+    )
 
 
 class RephraseConfig(Section):
@@ -152,14 +166,21 @@ class RephraseConfig(Section):
     min_length_ratio: float = Field(0.5, gt=0, lt=1)
     judge: bool = Field(False, description="Ask the LLM judge whether a text description leaks")
     judge_max_regenerations: int = Field(1, ge=0)
+    length_slack_tokens: int = Field(8, ge=0, description="Absolute slack on the length bounds (short answers)")
+    on_failure: Literal["reject", "keep_clean_original"] = Field(
+        "reject",
+        description="No acceptable rewrite after max_attempts: reject the row, or keep the original when it "
+        "is verified and leak-free (verdicts.rephrase=kept_original)",
+    )
+    audit_nll_samples: int = Field(64, ge=0, description="Rows scored for the report's NLL comparison")
     part_rows: int = Field(64, ge=1)
 
 
 # ---------------------------------------------------------------------------------------------- audio side
 class EncoderSpec(Section):
-    name: str = Field(..., description="Registered encoder: whisper, crepe, w2v-bert, ...")
-    model: str = Field(..., description="Offline model name, local path, or hub id")
-    layers: list[int] = Field(default_factory=list, description="Tapped layers (empty: the last)")
+    name: str = Field(..., description="Registered encoder (whisper, crepe, w2v-bert, sslam, muq); no '.'")
+    model: str = Field(..., description="Offline model name (whisper-tiny.en-ct2, crepe-tiny), local path, or hub id")
+    layers: list[int] = Field(default_factory=list, description="Tapped layers (empty: the encoder's default)")
     batch_size: int = Field(8, ge=1)
     pool_min: int = Field(1, ge=1)
     pool_max: int = Field(2, ge=1)
@@ -169,18 +190,24 @@ class EncoderSpec(Section):
 
 
 class FeaturesConfig(Section):
+    # Whisper taps use transformers' hidden_states numbering (0 = embeddings, 4 = tiny's final output);
+    # CREPE taps are its conv blocks 1..6 (5 = torchcrepe.embed).
     encoders: list[EncoderSpec] = Field(
-        default_factory=lambda: [EncoderSpec(name="whisper", model="whisper-tiny.en-ct2", layers=[2, 4])]
+        default_factory=lambda: [
+            EncoderSpec(name="whisper", model="whisper-tiny.en-ct2", layers=[2, 4], batch_size=4),
+            EncoderSpec(name="crepe", model="crepe-tiny", layers=[5], batch_size=4),
+        ]
     )
     decode_num_cpus: float = Field(0.5, gt=0)
     decode_batch_size: int = Field(16, ge=1)
+    decode_concurrency: int = Field(2, ge=1, description="Decode tasks at once (each worker imports torch)")
     splits: list[str] = Field(default_factory=lambda: ["train", "valid", "test"])
 
 
 class ShardsConfig(Section):
     uri: str | None = Field(None, description="Where shards go (default run_dir/features/shards); s3:// ok")
     target_mb: float = Field(64.0, gt=0)
-    dtype: Literal["float16", "float32", "bfloat16"] = "float16"
+    dtype: Literal["float16", "float32"] = Field("float16", description=".npy has no bfloat16: fp16 or fp32")
 
 
 # ---------------------------------------------------------------------------------------------- train / eval
@@ -210,6 +237,12 @@ class TrainConfig(Section):
     log_every: int = Field(10, ge=1)
     seed: int = 0
     torch_threads: int | None = None
+    targets: Literal["auto", "rephrase", "generate"] = Field(
+        "auto", description="Target source: rephrase `rephrased`, generate `response`, or auto (rephrase if any)")
+    rephrase_field: str = Field("rephrased", description="Column of the rephrase data used as the target")
+    bucket_batches: int = Field(16, ge=1, description="Batches per length-sorting buffer (more: less padding)")
+    system_prompt: str | None = Field(None, description="None: no system turn at train time (ALARM)")
+    trace_samples: bool = Field(False, description="Debug: log every trained sample id per epoch and rank")
 
 
 class AlmServeConfig(Section):
@@ -238,7 +271,6 @@ class EvalConfig(Section):
     )
     ensemble_glue: str = Field("This is what you hear, pass {i} of {n}:",
                                description="Text before each adapter's audio in an ensemble")
-    system_prompt: str | None = None
     instruction: str = Field(
         "Choose the correct option. Reply with the option's number inside answer tags, "
         "for example <answer>1</answer>.",
@@ -254,6 +286,7 @@ class EvalConfig(Section):
     mcq_per_clip: int = Field(2, ge=1, description="Demo MCQ: questions per held-out clip")
     mcq_facts: list[str] | None = Field(None, description="Demo MCQ: facts asked about (None: the defaults)")
     seed: int = 0
+    text_check: bool = Field(True, description="Report whether text-only prompts give the frozen LLM's output")
     serve: AlmServeConfig = Field(default_factory=AlmServeConfig)
 
 

@@ -1,0 +1,1 @@
+"""Evaluation of the trained ALM: benchmarks, scoring, controls, inference, the eval stage."""

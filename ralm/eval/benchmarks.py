@@ -1,0 +1,260 @@
+"""Benchmark loaders (MMAU, MMSU, MMAR, the demo's held-out MCQ) -> one `MCQItem` shape.
+
+Each benchmark is a small class registered by name: how to read its file, which scoring rule its
+official scorer uses, and which fields group the report. Audio paths in the files are relative to an
+audio root given on the command line (default: the data file's folder); absolute paths and URIs are kept.
+Items that cannot be used (no choices, an answer that is not one of the choices...) become rejects with a
+reason instead of stopping the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ralm import storage
+from ralm.eval.scoring import LETTERS, tokens
+
+
+@dataclass
+class MCQItem:
+    id: str
+    audio: str  # resolved URI (local path or s3://)
+    question: str
+    choices: list[str]
+    answer_index: int
+    domain: str | None = None  # MMAU task / MMAR modality / MMSU "speech"
+    category: str | None = None
+    difficulty: str | None = None
+    subcategory: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict)  # the original item, echoed in the submission file
+
+    @property
+    def answer(self) -> str:
+        return self.choices[self.answer_index]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def group_value(self, key: str) -> str | None:
+        """A report grouping: a field of the item, else the original item's `key` or `key_name`."""
+        if key in _ITEM_FIELDS:
+            return getattr(self, key)
+        return _str(self.raw.get(key, self.raw.get(f"{key}_name")))
+
+
+_ITEM_FIELDS = {"id", "audio", "question", "domain", "category", "difficulty", "subcategory"}
+
+
+@dataclass
+class Loaded:
+    items: list[MCQItem]
+    rejects: list[dict[str, Any]]  # {"id", "reason", "detail"}
+
+
+class BadItem(ValueError):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+# ---------------------------------------------------------------------------------------------- file helpers
+def read_items(path: str) -> list[dict[str, Any]]:
+    """A JSON list (or {"data": [...]}) or JSON lines, local or s3://."""
+    try:
+        text = storage.read_bytes(path).decode("utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"benchmark file {path} does not exist") from None
+    try:  # a JSON document: a list, or {"data": [...]}
+        data = json.loads(text)
+        if isinstance(data, dict):
+            data = data.get("data", [data])
+    except json.JSONDecodeError:  # JSON lines
+        data = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    data.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not a JSON line ({e.msg})") from None
+    if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
+        raise ValueError(f"{path}: expected a list of JSON objects")
+    return data
+
+
+def resolve_audio(path: str, audio_root: str | None, data_path: str) -> str:
+    if "://" in path or os.path.isabs(path):
+        return path
+    root = audio_root if audio_root else os.path.dirname(data_path) or "."
+    rel = path[2:] if path.startswith("./") else path
+    return storage.join(root, rel) if "://" in root else os.path.normpath(os.path.join(root, rel))
+
+
+def answer_index(answer: str, choices: list[str]) -> int:
+    """Exact text first, then case/space-insensitive, then same word tokens."""
+    if answer in choices:
+        return choices.index(answer)
+    norm = [c.strip().lower() for c in choices]
+    if answer.strip().lower() in norm:
+        return norm.index(answer.strip().lower())
+    same = [i for i, c in enumerate(choices) if tokens(c) == tokens(answer) and tokens(answer)]
+    if len(same) == 1:
+        return same[0]
+    raise BadItem("answer_not_in_choices", f"answer {answer!r} is not one of the choices {choices}")
+
+
+def _need(item: dict[str, Any], *keys: str) -> Any:
+    for k in keys:
+        if item.get(k) not in (None, ""):
+            return item[k]
+    raise BadItem("missing_field", f"no {' / '.join(keys)}")
+
+
+def _choices(values: Any) -> list[str]:
+    if not isinstance(values, list | tuple) or len(values) < 2:
+        n = len(values) if isinstance(values, list | tuple) else 0
+        raise BadItem("too_few_choices", f"{n} choice(s)")
+    return [str(c) for c in values]
+
+
+def _str(v: Any) -> str | None:
+    return None if v in (None, "") else str(v)
+
+
+# ---------------------------------------------------------------------------------------------- registry
+class Benchmark:
+    name: str = ""
+    scorer: str = "string_match"
+    group_keys: tuple[str, ...] = ("domain", "category", "difficulty")
+
+    def parse(self, item: dict[str, Any], n: int, audio_root: str | None, data_path: str) -> MCQItem:
+        raise NotImplementedError
+
+    def load(self, path: str, audio_root: str | None = None, limit: int | None = None) -> Loaded:
+        items, rejects = [], []
+        for n, raw in enumerate(read_items(path)):
+            try:
+                items.append(self.parse(raw, n, audio_root, path))
+            except BadItem as e:
+                rejects.append({"id": str(raw.get("id", n)), "reason": e.reason, "detail": e.detail})
+            if limit and len(items) >= limit:
+                break
+        return Loaded(items, rejects)
+
+    def submission_row(self, item: MCQItem, pred_index: int | None, raw_output: str) -> dict[str, Any]:
+        """The original item + the prediction under the keys the official scorers read.
+
+        `model_output` (MMAU's evaluation.py) and `model_prediction` (its other versions and MMAR's) hold
+        the chosen choice's text, or "" when the reply was unparsed (the scorer counts it wrong).
+        """
+        row = dict(item.raw)
+        pred = "" if pred_index is None else item.choices[pred_index]
+        row["model_output"] = pred
+        row["model_prediction"] = pred
+        row["raw_output"] = raw_output
+        return row
+
+
+BENCHMARKS: dict[str, type[Benchmark]] = {}
+
+
+def register(name: str) -> Callable[[type[Benchmark]], type[Benchmark]]:
+    def deco(cls: type[Benchmark]) -> type[Benchmark]:
+        cls.name = name
+        BENCHMARKS[name] = cls
+        return cls
+
+    return deco
+
+
+def get_benchmark(name: str) -> Benchmark:
+    if name not in BENCHMARKS:
+        raise KeyError(f"unknown benchmark {name!r}; registered: {', '.join(sorted(BENCHMARKS))}")
+    return BENCHMARKS[name]()
+
+
+def load_benchmark(name: str, path: str, audio_root: str | None = None, limit: int | None = None) -> Loaded:
+    return get_benchmark(name).load(path, audio_root, limit)
+
+
+# ---------------------------------------------------------------------------------------------- benchmarks
+@register("mmau")
+class MMAU(Benchmark):
+    """JSON list: id, audio_id, question, choices, answer, task (sound|music|speech), category, difficulty."""
+
+    def parse(self, item: dict[str, Any], n: int, audio_root: str | None, data_path: str) -> MCQItem:
+        choices = _choices(item.get("choices"))
+        return MCQItem(
+            id=str(item.get("id", n)),
+            audio=resolve_audio(str(_need(item, "audio_id", "audio", "audio_path")), audio_root, data_path),
+            question=str(_need(item, "question")),
+            choices=choices,
+            answer_index=answer_index(str(_need(item, "answer")), choices),
+            domain=_str(item.get("domain") or item.get("task")),
+            category=_str(item.get("category")),
+            difficulty=_str(item.get("difficulty")),
+            subcategory=_str(item.get("sub-category")),
+            raw=item,
+        )
+
+
+@register("demo")
+class DemoMCQ(MMAU):
+    """The demo's held-out MCQ file (`ralm.eval.mcq.build_demo_mcq`): MMAU's format, ralm's 4 domains."""
+
+
+@register("mmar")
+class MMAR(Benchmark):
+    """JSON lines (or a list): id, audio_path, question, choices, answer, modality, category, sub-category."""
+
+    group_keys = ("domain", "category", "subcategory")
+
+    def parse(self, item: dict[str, Any], n: int, audio_root: str | None, data_path: str) -> MCQItem:
+        choices = _choices(item.get("choices"))
+        return MCQItem(
+            id=str(item.get("id", n)),
+            audio=resolve_audio(str(_need(item, "audio_path", "audio", "audio_id")), audio_root, data_path),
+            question=str(_need(item, "question")),
+            choices=choices,
+            answer_index=answer_index(str(_need(item, "answer")), choices),
+            domain=_str(item.get("modality")),
+            category=_str(item.get("category")),
+            subcategory=_str(item.get("sub-category")),
+            raw=item,
+        )
+
+
+@register("mmsu")
+class MMSU(Benchmark):
+    """JSON lines: id, audio_path, question, choice_a..choice_d, answer_gt (the text or the letter), category."""
+
+    scorer = "letter"
+    group_keys = ("category", "subcategory", "task")
+
+    def parse(self, item: dict[str, Any], n: int, audio_root: str | None, data_path: str) -> MCQItem:
+        choices = _choices([item[f"choice_{c}"] for c in "abcdefgh" if item.get(f"choice_{c}") not in (None, "")])
+        gold = str(_need(item, "answer_gt")).strip()
+        if len(gold) == 1 and gold.upper() in LETTERS[: len(choices)] and gold not in choices:
+            idx = LETTERS.index(gold.upper())
+        else:
+            idx = answer_index(gold, choices)
+        return MCQItem(
+            id=str(item.get("id", n)),
+            audio=resolve_audio(str(_need(item, "audio_path", "audio", "audio_id")), audio_root, data_path),
+            question=str(_need(item, "question")),
+            choices=choices,
+            answer_index=idx,
+            domain="speech",
+            category=_str(item.get("category")),
+            subcategory=_str(item.get("sub-category")),
+            raw=item,
+        )
+
+    def submission_row(self, item: MCQItem, pred_index: int | None, raw_output: str) -> dict[str, Any]:
+        row = super().submission_row(item, pred_index, raw_output)
+        row["predicted_answer"] = "" if pred_index is None else LETTERS[pred_index]
+        return row

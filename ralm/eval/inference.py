@@ -1,0 +1,474 @@
+"""Inference with a trained ALM: audio -> frozen encoders -> trained adapter(s) -> frozen LLM -> text.
+
+    engine = ALMInference([export_dir])                      # one adapter
+    engine = ALMInference([dir_a, dir_b], glue="This is what you hear, pass {i} of {n}:")   # ALARM-E
+    engine.answer("clip.wav", "What do you hear?")           # a path/URI, a (wav, sr) pair, or None (text only)
+    chat(export_dir, "clip.wav", "What do you hear?")        # the `ralm chat` entry point
+    batch_infer(ds, ...)                                     # a Ray Data job over rows {id, audio, question}
+
+The prompt is the LLM's own chat template: prefix | audio block(s) | separator + question | generation
+prompt, as `ralm.model.chat.ChatLayout` renders it. An ensemble places every adapter's audio block one
+after another, each introduced by glue text ("pass i of N"); one adapter uses no glue, so its prompt is
+exactly `ALM.build_inputs`'. With no audio the prompt is the frozen LLM's plain chat prompt.
+
+Back ends (registry `BACKENDS`): `transformers` (the ALM's own HF model; CPU here) and `vllm` (the frozen
+LLM in vLLM, fed prompt embeddings; GPU clusters).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ralm.audio.io import AudioError, resample
+from ralm.config import EncoderSpec
+
+AudioInput = str | tuple[np.ndarray, int] | None
+DEFAULT_GLUE = "This is what you hear, pass {i} of {n}:"
+
+
+@dataclass
+class Generation:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" | "length" | "error"
+    error: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------- adapters
+def load_frontend(export_dir: str, llm_dim: int, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """An exported adapter's frontend alone (ensemble members share the first member's frozen LLM)."""
+    from safetensors.torch import load_file
+
+    from ralm import storage
+    from ralm.model.alm import AudioFrontend, EncoderInfo
+    from ralm.model.export import WEIGHTS, read_export_config
+
+    meta = read_export_config(export_dir)
+    encs = [EncoderInfo.from_dict(e) for e in meta["encoders"]]
+    frontend = AudioFrontend(encs, llm_dim, meta["adapter"], meta["adapter_hidden"], meta["fusion"],
+                             meta.get("fusion_options"))
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, WEIGHTS)
+        with open(local, "wb") as f:
+            f.write(storage.read_bytes(storage.join(export_dir, WEIGHTS)))
+        state = load_file(local)
+    frontend.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
+    return frontend.to(device, dtype).eval(), meta
+
+
+def _encoder_key(e: Any) -> tuple[str, str, tuple[int, ...]]:
+    return (e.name, e.model, tuple(e.layers))
+
+
+def encoder_spec(info: Any, specs: Sequence[EncoderSpec] = ()) -> EncoderSpec:
+    """The EncoderSpec that produced an adapter's features: the config's spec of that name when there is
+    one (it carries batch size and options), else one rebuilt from the export's metadata."""
+    for s in specs:
+        if s.name == info.name and (not info.model or s.model == info.model):
+            return s.model_copy(update={"layers": [x for x in info.layers if x >= 0]})
+    return EncoderSpec(name=info.name, model=info.model, layers=[x for x in info.layers if x >= 0])
+
+
+# ---------------------------------------------------------------------------------------------- back ends
+class Backend:
+    """Generates from a list of prompt embeddings (or token ids for text-only prompts)."""
+
+    def generate(self, prompts: Sequence[dict[str, Any]], max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = 0) -> list[Generation]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+BACKENDS: dict[str, Callable[..., Backend]] = {}
+
+
+def register_backend(name: str) -> Callable[[Callable[..., Backend]], Callable[..., Backend]]:
+    def deco(cls: Callable[..., Backend]) -> Callable[..., Backend]:
+        BACKENDS[name] = cls
+        return cls
+
+    return deco
+
+
+@register_backend("transformers")
+class TransformersBackend(Backend):
+    """The ALM's frozen HF model, one prompt at a time (exact; fine for CPU and small models)."""
+
+    def __init__(self, alm: Any, batch_size: int = 8, **_: Any):
+        self.alm = alm
+        self.batch_size = batch_size
+        tok = alm.tokenizer
+        eos = alm.llm.generation_config.eos_token_id or tok.eos_token_id
+        self.eos_ids = sorted({eos} if isinstance(eos, int) else set(eos or []))
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_ids[0]
+
+    @torch.no_grad()
+    def _one(self, prompt: dict[str, Any], max_new_tokens: int, temperature: float, top_p: float,
+             seed: int | None) -> Generation:
+        llm = self.alm.llm
+        if "prompt_embeds" in prompt:
+            emb = prompt["prompt_embeds"].to(llm.device)[None]
+            inputs: dict[str, Any] = {"inputs_embeds": emb}
+            n_prompt = emb.shape[1]
+        else:
+            ids = torch.tensor([prompt["prompt_token_ids"]], device=llm.device)
+            inputs = {"input_ids": ids}
+            n_prompt = ids.shape[1]
+        inputs["attention_mask"] = torch.ones((1, n_prompt), dtype=torch.long, device=llm.device)
+        sample = temperature > 0
+        if sample and seed is not None:
+            torch.manual_seed(seed)
+        kw: dict[str, Any] = ({"do_sample": True, "temperature": temperature, "top_p": top_p} if sample
+                              else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None})
+        out = llm.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=self.eos_ids,
+                           pad_token_id=self.pad_id, **kw)
+        new = out[0, n_prompt:] if "input_ids" in inputs else out[0]
+        toks, finish = [], "length"
+        for t in new.tolist():
+            if t in self.eos_ids:
+                finish = "stop"
+                break
+            toks.append(t)
+        if finish == "length" and len(toks) < max_new_tokens:
+            finish = "stop"
+        text = self.alm.tokenizer.decode(toks, skip_special_tokens=True)
+        return Generation(text, n_prompt, len(toks), finish)
+
+    @torch.no_grad()
+    def _batch(self, prompts: Sequence[dict[str, Any]], max_new_tokens: int) -> list[Generation]:
+        """Greedy, several prompts at once: left-padded embeddings (token-id prompts are embedded)."""
+        llm = self.alm.llm
+        embs = [p["prompt_embeds"].to(llm.device) if "prompt_embeds" in p else self.alm.embed_ids(p["prompt_token_ids"])
+                for p in prompts]
+        width = max(e.shape[0] for e in embs)
+        x = torch.zeros(len(embs), width, embs[0].shape[1], dtype=embs[0].dtype, device=llm.device)
+        mask = torch.zeros(len(embs), width, dtype=torch.long, device=llm.device)
+        for i, e in enumerate(embs):
+            x[i, width - e.shape[0]:] = e
+            mask[i, width - e.shape[0]:] = 1
+        out = llm.generate(inputs_embeds=x, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                           temperature=None, top_p=None, top_k=None, eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
+        result = []
+        for e, row in zip(embs, out.tolist(), strict=True):
+            toks, finish = [], "length"
+            for t in row:
+                if t in self.eos_ids:
+                    finish = "stop"
+                    break
+                toks.append(t)
+            if finish == "length" and len(toks) < max_new_tokens:
+                finish = "stop"
+            result.append(Generation(self.alm.tokenizer.decode(toks, skip_special_tokens=True), e.shape[0],
+                                     len(toks), finish))
+        return result
+
+    def generate(self, prompts: Sequence[dict[str, Any]], max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = 0) -> list[Generation]:
+        # One prompt (chat, serving, the text check) takes the exact single-sequence path; greedy batches
+        # are padded together (several times faster on CPU; numerics may differ in the last bits).
+        if len(prompts) == 1 or temperature > 0 or self.batch_size <= 1:
+            return [self._one(p, max_new_tokens, temperature, top_p, seed) for p in prompts]
+        out: list[Generation] = []
+        for s in range(0, len(prompts), self.batch_size):
+            out.extend(self._batch(prompts[s : s + self.batch_size], max_new_tokens))
+        return out
+
+
+@register_backend("vllm")
+class VLLMBackend(Backend):
+    """The frozen LLM in vLLM, fed the ALM's prompt embeddings (`enable_prompt_embeds`)."""
+
+    def __init__(self, alm: Any, llm_path: str, max_model_len: int = 4096, gpu_memory_utilization: float = 0.85,
+                 dtype: str = "auto", cpu_kvcache_gb: float = 1.0, **_: Any):
+        gpu = torch.cuda.is_available()
+        if not gpu:
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+
+        kwargs: dict[str, Any] = dict(model=llm_path, tokenizer=llm_path, enable_prompt_embeds=True,
+                                      max_model_len=max_model_len, dtype=dtype, enforce_eager=not gpu, seed=0,
+                                      disable_log_stats=True)
+        if gpu:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        else:
+            kwargs["kv_cache_memory_bytes"] = int(cpu_kvcache_gb * (1 << 30))
+        self.llm = LLM(**kwargs)
+        self.dtype = alm.llm.get_input_embeddings().weight.dtype
+        self._lock = threading.Lock()
+
+    def generate(self, prompts: Sequence[dict[str, Any]], max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = 0) -> list[Generation]:
+        from vllm import SamplingParams
+        from vllm.inputs import EmbedsPrompt, TokensPrompt
+
+        inputs = [EmbedsPrompt(prompt_embeds=p["prompt_embeds"].detach().to("cpu"))
+                  if "prompt_embeds" in p else TokensPrompt(prompt_token_ids=list(p["prompt_token_ids"]))
+                  for p in prompts]
+        params = SamplingParams(temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
+                                max_tokens=max_new_tokens, seed=seed)
+        with self._lock:
+            outs = self.llm.generate(inputs, params, use_tqdm=False)
+        result = []
+        for p, o in zip(prompts, outs, strict=True):
+            c = o.outputs[0]
+            n_prompt = int(p["prompt_embeds"].shape[0]) if "prompt_embeds" in p else len(p["prompt_token_ids"])
+            result.append(Generation(c.text, n_prompt, len(c.token_ids),
+                                     "stop" if c.finish_reason == "stop" else "length"))
+        return result
+
+    def close(self) -> None:
+        import gc
+
+        self.llm = None
+        gc.collect()
+
+
+# ---------------------------------------------------------------------------------------------- the engine
+class ALMInference:
+    """Encoders + one or more trained adapters + the frozen LLM, ready to answer questions about clips."""
+
+    def __init__(self, export_dirs: str | Sequence[str], *, backend: str = "transformers",
+                 encoder_specs: Sequence[EncoderSpec] = (), glue: str = DEFAULT_GLUE, device: str | None = None,
+                 llm: str | None = None, backend_options: dict[str, Any] | None = None, load_encoders: bool = True):
+        from ralm.model.export import load_alm
+
+        dirs = [export_dirs] if isinstance(export_dirs, str) else list(export_dirs)
+        if not dirs:
+            raise ValueError("ALMInference needs at least one exported adapter folder")
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.alm = load_alm(dirs[0], device=self.device, llm=llm)
+        self.glue = glue
+        dim = self.alm.llm.get_input_embeddings().weight.shape[1]
+        self.frontends: list[torch.nn.Module] = [self.alm.frontend]
+        self.members: list[list[Any]] = [list(self.alm.encoders)]
+        for d in dirs[1:]:
+            frontend, meta = load_frontend(d, dim, self.device, self.alm.llm.get_input_embeddings().weight.dtype)
+            if meta.get("llm") != self.alm.meta.get("llm"):
+                raise ValueError(f"ensemble adapters must share one frozen LLM: {dirs[0]} uses "
+                                 f"{self.alm.meta.get('llm')!r}, {d} uses {meta.get('llm')!r}")
+            self.frontends.append(frontend)
+            self.members.append(list(frontend.encoders))
+        # One encoder instance per distinct (name, model, layers), shared by ensemble members.
+        self.encoder_infos = {_encoder_key(e): e for m in self.members for e in m}
+        self.encoders: dict[tuple[str, str, tuple[int, ...]], Any] = {}
+        if load_encoders:
+            from ralm.encoders import build_encoder
+
+            for key, info in self.encoder_infos.items():
+                self.encoders[key] = build_encoder(encoder_spec(info, encoder_specs))
+        opts = dict(backend_options or {})
+        if backend not in BACKENDS:
+            raise KeyError(f"unknown inference backend {backend!r}; registered: {sorted(BACKENDS)}")
+        if backend == "vllm":
+            opts.setdefault("llm_path", self.alm.meta.get("llm_path"))
+        self.backend = BACKENDS[backend](self.alm, **opts)
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------------------ audio
+    @property
+    def sample_rates(self) -> set[int]:
+        return {int(getattr(e, "sample_rate", 16000)) for e in self.encoder_infos.values()}
+
+    def featurize(self, wav: np.ndarray, sr: int) -> list[dict[str, np.ndarray]]:
+        """Per ensemble member: {encoder name: (layers, frames, width)} for one clip."""
+        if not self.encoders:
+            raise RuntimeError("encoders were not loaded (load_encoders=False)")
+        by_rate: dict[int, np.ndarray] = {}
+        feats: dict[tuple[str, str, tuple[int, ...]], np.ndarray] = {}
+        for key, enc in self.encoders.items():
+            rate = int(enc.sample_rate)
+            if rate not in by_rate:
+                by_rate[rate] = resample(np.asarray(wav, dtype=np.float32), sr, rate)
+            feats[key] = enc.encode([by_rate[rate]])[0]
+        return [{e.name: feats[_encoder_key(e)] for e in member} for member in self.members]
+
+    def load(self, audio: AudioInput) -> tuple[np.ndarray, int] | None:
+        from ralm.eval.controls import load_item_audio
+
+        if audio is None:
+            return None
+        if isinstance(audio, tuple):
+            return np.asarray(audio[0], dtype=np.float32), int(audio[1])
+        rate = max(self.sample_rates) if self.sample_rates else 16000
+        return load_item_audio(str(audio), rate), rate
+
+    # ------------------------------------------------------------------------------------------ prompts
+    @torch.no_grad()
+    def prompt(self, features: list[dict[str, np.ndarray]] | None, question: str) -> dict[str, Any]:
+        """`{"prompt_token_ids"}` for text only, else `{"prompt_embeds": (S, D)}`."""
+        layout = self.alm.layout
+        if features is None:
+            return {"prompt_token_ids": layout.text_prompt_ids(question)}
+        parts = [self.alm.embed_ids(layout.prefix_ids)]
+        n = len(self.frontends)
+        for i, (frontend, feats) in enumerate(zip(self.frontends, features, strict=True), start=1):
+            if n > 1:
+                glue = ("" if i == 1 else "\n") + self.glue.format(i=i, n=n) + " "
+                parts.append(self.alm.embed_ids(layout.ids(glue)))
+            parts.append(self._audio_block(frontend, feats))
+        parts.append(self.alm.embed_ids(layout.suffix_ids(question)))
+        return {"prompt_embeds": torch.cat(parts)}
+
+    @torch.no_grad()
+    def _audio_block(self, frontend: torch.nn.Module, feats: dict[str, np.ndarray]) -> torch.Tensor:
+        """<start> audio <end> embeddings of one clip through one member's frontend."""
+        if frontend is self.alm.frontend:
+            return self.alm.embed_audio(feats)
+        tensors, lens = {}, {}
+        for e in frontend.encoders:
+            arr = np.asarray(feats[e.name], dtype=np.float32)
+            tensors[e.name] = torch.from_numpy(arr)[None].to(self.device)
+            lens[e.name] = torch.tensor([arr.shape[1]], device=self.device)
+        audio, n = frontend(tensors, lens)
+        dtype = self.alm.llm.get_input_embeddings().weight.dtype
+        return torch.cat([frontend.audio_start[None], audio[0, : int(n[0])], frontend.audio_end[None]]).to(dtype)
+
+    # ------------------------------------------------------------------------------------------ answering
+    def generate(self, requests: Sequence[tuple[AudioInput, str]], max_new_tokens: int = 256,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = 0) -> list[Generation]:
+        """Answer each (audio, question); an audio that cannot be decoded fails alone (finish 'error')."""
+        prompts: list[dict[str, Any] | None] = []
+        errors: list[str | None] = []
+        with self._lock:
+            for audio, question in requests:
+                try:
+                    loaded = self.load(audio)
+                    feats = None if loaded is None else self.featurize(*loaded)
+                    prompts.append(self.prompt(feats, question))
+                    errors.append(None)
+                except AudioError as e:
+                    prompts.append(None)
+                    errors.append(f"{e.reason}: {e.detail}")
+            ok = [p for p in prompts if p is not None]
+            gens = iter(self.backend.generate(ok, max_new_tokens, temperature, top_p, seed) if ok else [])
+        return [next(gens) if p is not None else Generation("", 0, 0, "error", err)
+                for p, err in zip(prompts, errors, strict=True)]
+
+    def answer(self, audio: AudioInput, question: str, max_new_tokens: int = 256, **kw: Any) -> str:
+        g = self.generate([(audio, question)], max_new_tokens, **kw)[0]
+        if g.finish_reason == "error":
+            raise AudioError(*(g.error or "corrupt: unknown").split(": ", 1))
+        return g.text
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def chat(export_dir: str | Sequence[str], audio_path: str | None, question: str, *, max_new_tokens: int = 256,
+         backend: str = "transformers", temperature: float = 0.0, encoder_specs: Sequence[EncoderSpec] = (),
+         glue: str = DEFAULT_GLUE) -> str:
+    """`ralm chat --audio clip.wav "question"`: one answer from the trained ALM (several dirs: ALARM-E)."""
+    engine = ALMInference(export_dir, backend=backend, encoder_specs=encoder_specs, glue=glue)
+    try:
+        return engine.answer(audio_path, question, max_new_tokens, temperature=temperature)
+    finally:
+        engine.close()
+
+
+def chat_with_config(cfg: Any, audio_path: str | None, question: str, run_dir: str | None = None,
+                     max_new_tokens: int | None = None, temperature: float = 0.0) -> str:
+    """`ralm chat --config C [--run-dir D] --audio clip.wav "question"`: the run's adapter(s)
+    (`eval.adapters`, default `run_dir/train/export`), the features stage's encoder specs, `eval.backend`."""
+    from ralm import storage
+    from ralm.eval.run import default_adapters
+
+    storage.configure(cfg.storage)
+    adapters = default_adapters(cfg, run_dir or cfg.storage.run_dir)
+    return chat(adapters, audio_path, question, max_new_tokens=max_new_tokens or cfg.eval.serve.max_new_tokens,
+                backend=cfg.eval.backend, temperature=temperature, encoder_specs=cfg.features.encoders,
+                glue=cfg.eval.ensemble_glue)
+
+
+# ---------------------------------------------------------------------------------------------- text preserved
+def frozen_llm_greedy(llm_path: str, questions: Sequence[str], max_new_tokens: int = 32,
+                      system_prompt: str | None = None) -> list[str]:
+    """The frozen LLM alone (loaded afresh, nothing of ralm's model code), greedy, plain chat template."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(llm_path)
+    model = AutoModelForCausalLM.from_pretrained(llm_path, dtype=torch.float32).eval()
+    outs = []
+    for q in questions:
+        msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+            {"role": "user", "content": q}]
+        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
+                                 top_p=None, top_k=None, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        outs.append(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    return outs
+
+
+def check_text_preserved(engine: ALMInference, questions: Sequence[str], max_new_tokens: int = 32
+                         ) -> list[dict[str, Any]]:
+    """Text-only prompts through the ALM (token ids, and the same ids as embeddings — the path audio
+    prompts take) vs the frozen LLM's own greedy output. Every row's `same` must be True."""
+    llm_path = engine.alm.meta.get("llm_path") or engine.alm.meta.get("llm")
+    reference = frozen_llm_greedy(llm_path, questions, max_new_tokens, engine.alm.layout.system_prompt)
+    rows = []
+    for q, ref in zip(questions, reference, strict=True):
+        via_ids = engine.generate([(None, q)], max_new_tokens)[0].text
+        ids = engine.alm.layout.text_prompt_ids(q)
+        via_embeds = engine.backend.generate([{"prompt_embeds": engine.alm.embed_ids(ids)}], max_new_tokens)[0].text
+        rows.append({"question": q, "frozen_llm": ref, "alm": via_ids, "alm_embeds": via_embeds,
+                     "same": ref == via_ids == via_embeds})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- Ray Data
+class InferenceActor:
+    """Ray Data callable class: rows {id, audio, question} -> + {output, prompt_tokens, completion_tokens,
+    finish_reason, error}. Loads encoders + ALM once per actor."""
+
+    def __init__(self, export_dirs: Sequence[str], backend: str = "transformers", max_new_tokens: int = 64,
+                 encoder_specs: Sequence[dict[str, Any]] = (), glue: str = DEFAULT_GLUE,
+                 temperature: float = 0.0, torch_threads: int | None = None):
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.engine = ALMInference(list(export_dirs), backend=backend, glue=glue,
+                                   encoder_specs=[EncoderSpec.model_validate(s) for s in encoder_specs])
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        audios = [None if a in (None, "") else str(a) for a in batch["audio"]]
+        gens = self.engine.generate(list(zip(audios, [str(q) for q in batch["question"]], strict=True)),
+                                    self.max_new_tokens, temperature=self.temperature)
+        out = dict(batch)
+        out["output"] = np.array([g.text for g in gens], dtype=object)
+        out["prompt_tokens"] = np.array([g.prompt_tokens for g in gens], dtype=np.int64)
+        out["completion_tokens"] = np.array([g.completion_tokens for g in gens], dtype=np.int64)
+        out["finish_reason"] = np.array([g.finish_reason for g in gens], dtype=object)
+        out["error"] = np.array([g.error or "" for g in gens], dtype=object)
+        return out
+
+
+def batch_infer(ds: Any, export_dirs: Sequence[str], *, backend: str = "transformers", max_new_tokens: int = 64,
+                batch_size: int = 8, concurrency: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0,
+                encoder_specs: Sequence[EncoderSpec] = (), glue: str = DEFAULT_GLUE, temperature: float = 0.0) -> Any:
+    """A Ray Data job: `ds` rows {id, audio (URI or ''), question} -> the same rows with the ALM's output."""
+    return ds.map_batches(
+        InferenceActor,
+        fn_constructor_kwargs={
+            "export_dirs": list(export_dirs), "backend": backend, "max_new_tokens": max_new_tokens,
+            "encoder_specs": [s.model_dump() for s in encoder_specs], "glue": glue, "temperature": temperature,
+            "torch_threads": max(1, int(num_cpus)) if num_gpus == 0 else None,
+        },
+        batch_size=batch_size,
+        concurrency=concurrency,
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        batch_format="numpy",
+    )

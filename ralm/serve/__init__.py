@@ -1,0 +1,1 @@
+"""Serving the trained ALM (OpenAI-compatible, Ray Serve)."""

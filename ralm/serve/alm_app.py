@@ -1,0 +1,304 @@
+"""The trained ALM behind an OpenAI-compatible `/v1/chat/completions` (Ray Serve).
+
+    svc = serve_alm(cfg, run_dir)          # adapters: cfg.eval.adapters or run_dir/train/export
+    client = openai.OpenAI(base_url=svc.url, api_key="unused")
+    client.chat.completions.create(model=svc.model, messages=[{"role": "user", "content": [
+        {"type": "text", "text": "What do you hear?"},
+        {"type": "input_audio", "input_audio": {"data": base64_wav, "format": "wav"}}]}])
+    stop_alm(svc)
+
+A request is one user message: text parts (the question) and at most one `input_audio` part (base64
+wav or flac); without audio the ALM answers exactly as the frozen LLM. Limits (`eval.serve`): audio bytes
+(413) and seconds (400); audio that does not decode is a 400 that says why. A bad request never takes the
+replica down. Binds 127.0.0.1 unless configured otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import os
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "ralm-alm"
+AUDIO_FORMATS = ("wav", "flac")
+
+api = FastAPI(title="ralm ALM")
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str, code: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+
+def _error(status: int, message: str, code: str, param: str | None = None) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse(status_code=status,
+                        content={"error": {"message": message, "type": kind, "code": code, "param": param}})
+
+
+@dataclass
+class ParsedRequest:
+    question: str
+    audio: bytes | None
+    audio_format: str | None
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+
+
+def parse_request(body: Any, max_audio_bytes: int, max_new_tokens: int) -> ParsedRequest:
+    """Validate an OpenAI chat request; raise RequestError (4xx) with a message a client can act on."""
+    if not isinstance(body, dict):
+        raise RequestError(400, "the request body must be a JSON object", "invalid_request")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(400, "messages must be a non-empty list", "invalid_request", "messages")
+    if len(messages) != 1 or not isinstance(messages[0], dict) or messages[0].get("role") != "user":
+        raise RequestError(400, "send exactly one user message (multi-turn and system messages are not "
+                           "supported: the ALM was trained on single user turns without a system prompt)",
+                           "unsupported", "messages")
+    if body.get("stream"):
+        raise RequestError(400, "stream=true is not supported", "unsupported", "stream")
+    if int(body.get("n") or 1) != 1:
+        raise RequestError(400, "n must be 1", "unsupported", "n")
+    content = messages[0].get("content")
+    parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+    if not isinstance(parts, list):
+        raise RequestError(400, "message content must be a string or a list of content parts", "invalid_request",
+                           "messages[0].content")
+    texts, audio, fmt = [], None, None
+    for i, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            texts.append(str(part.get("text") or ""))
+        elif kind == "input_audio":
+            if audio is not None:
+                raise RequestError(400, "at most one input_audio part per request", "unsupported",
+                                   f"messages[0].content[{i}]")
+            audio, fmt = _decode_audio_part(part.get("input_audio"), max_audio_bytes, f"messages[0].content[{i}]")
+        else:
+            raise RequestError(400, f"content part type {kind!r} is not supported (use text and input_audio)",
+                               "unsupported", f"messages[0].content[{i}]")
+    question = "\n".join(t for t in texts if t).strip()
+    if not question and audio is None:
+        raise RequestError(400, "the message has neither text nor audio", "invalid_request", "messages")
+    try:
+        requested = body.get("max_completion_tokens") or body.get("max_tokens") or max_new_tokens
+        max_tokens = min(int(requested), max_new_tokens)
+        temperature = float(body["temperature"]) if body.get("temperature") is not None else 0.0
+        top_p = float(body["top_p"]) if body.get("top_p") is not None else 1.0
+        seed = int(body["seed"]) if body.get("seed") is not None else 0
+    except (TypeError, ValueError) as e:
+        raise RequestError(400, f"bad sampling parameter: {e}", "invalid_request") from None
+    if max_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
+        raise RequestError(400, "need max_tokens >= 1, temperature >= 0, 0 < top_p <= 1", "invalid_request")
+    return ParsedRequest(question or "Describe the audio.", audio, fmt, max_tokens, temperature, top_p, seed)
+
+
+def _decode_audio_part(obj: Any, max_bytes: int, param: str) -> tuple[bytes, str]:
+    if not isinstance(obj, dict) or not isinstance(obj.get("data"), str):
+        raise RequestError(400, "input_audio must be {\"data\": <base64>, \"format\": \"wav\"|\"flac\"}",
+                           "invalid_audio", param)
+    fmt = str(obj.get("format") or "wav").lower()
+    if fmt not in AUDIO_FORMATS:
+        raise RequestError(400, f"input_audio format {fmt!r} is not supported; use one of {list(AUDIO_FORMATS)}",
+                           "invalid_audio", param)
+    data = obj["data"]
+    if data.startswith("data:"):  # a data URL: keep what follows the comma
+        data = data.split(",", 1)[-1]
+    if len(data) * 3 // 4 > max_bytes:  # refuse before decoding a huge payload
+        raise RequestError(413, f"input_audio is about {len(data) * 3 // 4 / 2**20:.1f} MB > limit "
+                           f"{max_bytes / 2**20:.1f} MB", "audio_too_large", param)
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise RequestError(400, f"input_audio.data is not valid base64 ({e})", "invalid_audio", param) from None
+    if not raw:
+        raise RequestError(400, "input_audio.data is empty", "invalid_audio", param)
+    return raw, fmt
+
+
+def decode_audio(raw: bytes, fmt: str, sample_rate: int, max_seconds: float) -> Any:
+    """Bytes -> mono float32 at `sample_rate` through `ralm.audio.load_audio`; 4xx for bad or long audio."""
+    from ralm.audio.io import AudioError, load_audio, probe
+
+    fd, path = tempfile.mkstemp(suffix=f".{fmt}")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+        try:
+            seconds = probe(path).duration_s
+            if seconds > max_seconds:  # refuse before decoding a long clip
+                raise RequestError(400, f"audio lasts {seconds:.1f} s > limit {max_seconds:g} s", "audio_too_long",
+                                   "input_audio")
+            wav = load_audio(path, sample_rate)
+        except AudioError as e:
+            raise RequestError(400, f"input_audio could not be decoded as {fmt} ({e.reason}: "
+                               f"{e.detail.replace(path, '<audio>')})", "invalid_audio", "input_audio") from None
+        if len(wav) == 0:
+            raise RequestError(400, "input_audio has no samples", "invalid_audio", "input_audio")
+        if len(wav) / sample_rate > max_seconds:
+            raise RequestError(400, f"audio lasts {len(wav) / sample_rate:.1f} s > limit {max_seconds:g} s",
+                               "audio_too_long", "input_audio")
+        return wav
+    finally:
+        os.unlink(path)
+
+
+@serve.deployment(name="ALMServer")
+@serve.ingress(api)
+class ALMServer:
+    """Encoders + adapter(s) + frozen LLM in each replica (see `ralm.eval.inference.ALMInference`)."""
+
+    def __init__(self, export_dirs: list[str], serve_cfg: dict, encoder_specs: list[dict], glue: str,
+                 backend: str, model_name: str) -> None:
+        from ralm.config import AlmServeConfig, EncoderSpec
+        from ralm.eval.inference import ALMInference
+
+        self.cfg = AlmServeConfig.model_validate(serve_cfg)
+        self.model_name = model_name
+        self.engine = ALMInference(export_dirs, backend=backend, glue=glue,
+                                   encoder_specs=[EncoderSpec.model_validate(s) for s in encoder_specs])
+        self.sample_rate = max(self.engine.sample_rates)
+        self.max_audio_bytes = int(self.cfg.max_audio_mb * 2**20)
+
+    @api.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
+                                            "owned_by": "ralm"}]}
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Any:
+        try:
+            try:
+                body = await request.json()
+            except Exception:
+                raise RequestError(400, "the request body is not valid JSON", "invalid_request") from None
+            req = parse_request(body, self.max_audio_bytes, self.cfg.max_new_tokens)
+            audio = None
+            if req.audio is not None:
+                wav = await asyncio.to_thread(decode_audio, req.audio, req.audio_format or "wav", self.sample_rate,
+                                              self.cfg.max_audio_seconds)
+                audio = (wav, self.sample_rate)
+        except RequestError as e:
+            return _error(e.status, e.message, e.code, e.param)
+        try:
+            gen = (await asyncio.to_thread(self.engine.generate, [(audio, req.question)], req.max_tokens,
+                                           req.temperature, req.top_p, req.seed))[0]
+        except Exception as e:  # the replica keeps serving; the client learns what failed
+            log.exception("ALM generation failed")
+            return _error(500, f"generation failed: {type(e).__name__}: {e}", "engine_error")
+        if gen.finish_reason == "error":
+            return _error(400, f"input_audio could not be used: {gen.error}", "invalid_audio", "input_audio")
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.model_name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.text},
+                         "finish_reason": gen.finish_reason, "logprobs": None}],
+            "usage": {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
+                      "total_tokens": gen.prompt_tokens + gen.completion_tokens},
+        }
+
+
+# ---------------------------------------------------------------------------------------------- start / stop
+@dataclass
+class ALMService:
+    url: str  # OpenAI base URL: http://127.0.0.1:8001/v1
+    model: str
+    app_name: str
+    handle: Any
+
+
+def build_app(export_dirs: list[str], serve_cfg: Any, encoder_specs: list[Any] = (), glue: str | None = None,
+              backend: str = "transformers", model_name: str = APP_NAME) -> Any:
+    """The Serve application (for `serve.run`, or a RayService's import path via a small builder)."""
+    from ralm.cluster import runtime_env_vars
+    from ralm.eval.inference import DEFAULT_GLUE
+
+    opts = {"num_replicas": serve_cfg.num_replicas, "max_ongoing_requests": serve_cfg.max_ongoing_requests,
+            "ray_actor_options": {"num_cpus": serve_cfg.num_cpus, "num_gpus": serve_cfg.num_gpus,
+                                  "runtime_env": {"env_vars": runtime_env_vars()}}}
+    return ALMServer.options(**opts).bind(list(export_dirs), serve_cfg.model_dump(mode="json"),
+                                          [s.model_dump(mode="json") for s in encoder_specs],
+                                          glue or DEFAULT_GLUE, backend, model_name)
+
+
+def serve_alm(cfg: Any, run_dir: str | None = None, adapters: list[str] | None = None, wait_s: float = 600.0,
+              app_name: str = APP_NAME) -> ALMService:
+    """Start the ALM app on the connected (or a new local) Ray and wait until it answers."""
+    import ray
+
+    from ralm import storage
+    from ralm.cluster import init_ray
+    from ralm.eval.run import default_adapters
+
+    run_dir = run_dir or cfg.storage.run_dir
+    storage.configure(cfg.storage)
+    dirs = adapters or default_adapters(cfg, run_dir)
+    if not ray.is_initialized():
+        init_ray(cfg.ray)
+    s = cfg.eval.serve
+    serve.start(http_options={"host": s.host, "port": s.port})
+    app = build_app(dirs, s, cfg.features.encoders, cfg.eval.ensemble_glue, cfg.eval.backend, app_name)
+    handle = serve.run(app, name=app_name, route_prefix=s.route_prefix, blocking=False)
+    _wait_running(app_name, wait_s)
+    host, port = _proxy_address(s.host, s.port)
+    return ALMService(url=f"http://{host}:{port}{s.route_prefix.rstrip('/')}/v1", model=app_name,
+                      app_name=app_name, handle=handle)
+
+
+def _proxy_address(host: str, port: int) -> tuple[str, int]:
+    """Where Serve's HTTP proxy really listens: an already-running Serve keeps its own host/port."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        http = _get_global_client().http_config
+        return (http.host if http.host not in ("0.0.0.0", "") else "127.0.0.1"), int(http.port)
+    except Exception:  # pragma: no cover - private API moved
+        return host, port
+
+
+def _wait_running(app_name: str, wait_s: float) -> None:
+    from ray.serve.schema import ApplicationStatus
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        st = serve.status().applications.get(app_name)
+        if st is not None and st.status == ApplicationStatus.RUNNING:
+            return
+        if st is not None and st.status in (ApplicationStatus.DEPLOY_FAILED, ApplicationStatus.UNHEALTHY):
+            raise RuntimeError(f"ALM service {app_name!r} failed to start: {st.message}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"ALM service {app_name!r} not running after {wait_s:.0f} s")
+        time.sleep(0.5)
+
+
+def stop_alm(svc: ALMService | str = APP_NAME, shutdown: bool = False) -> None:
+    name = svc.app_name if isinstance(svc, ALMService) else svc
+    try:
+        serve.delete(name)
+    except Exception as e:  # already gone
+        log.debug("serve.delete(%s): %s", name, e)
+    if shutdown:
+        serve.shutdown()

@@ -1,0 +1,187 @@
+"""The trained-ALM side on a real local Ray: the Serve endpoint (stock `openai` client over HTTP on
+127.0.0.1, malformed and over-long audio included) and the eval stage (Ray Data inference, controls,
+report, official-format predictions, resume). Tiny random LLM + tiny random adapter, real Whisper tiny."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from ralm import records, storage
+from ralm.config import RalmConfig
+from ralm.eval.scoring import string_match
+from tests.fixtures.tiny_alm import make_tiny_export
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory) -> str:
+    return make_tiny_export(tmp_path_factory.mktemp("alm"))
+
+
+def _wav_bytes(seconds: float, fmt: str = "WAV", freq: float = 440.0) -> bytes:
+    t = np.arange(int(seconds * 16000)) / 16000
+    buf = io.BytesIO()
+    sf.write(buf, (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32), 16000, format=fmt)
+    return buf.getvalue()
+
+
+def _audio_msg(data: bytes | str, fmt: str = "wav", text: str = "What do you hear?") -> list[dict]:
+    b64 = data if isinstance(data, str) else base64.b64encode(data).decode()
+    return [{"role": "user", "content": [{"type": "text", "text": text},
+                                         {"type": "input_audio", "input_audio": {"data": b64, "format": fmt}}]}]
+
+
+# ---------------------------------------------------------------------------------------------- Serve
+def test_serve_openai_client(ray_local, tiny_export, tmp_path):
+    import openai
+
+    from ralm.serve.alm_app import serve_alm, stop_alm
+
+    cfg = RalmConfig()
+    cfg.eval.adapters = [tiny_export]
+    cfg.eval.serve.port = 18731
+    cfg.eval.serve.max_audio_seconds = 2.0
+    cfg.eval.serve.max_audio_mb = 0.25
+    cfg.eval.serve.num_cpus = 0.5
+    svc = serve_alm(cfg, str(tmp_path))
+    try:
+        assert svc.url.startswith("http://127.0.0.1:")
+        client = openai.OpenAI(base_url=svc.url, api_key="unused", max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list().data] == [svc.model]
+
+        ok = client.chat.completions.create(model=svc.model, messages=_audio_msg(_wav_bytes(1.0)), max_tokens=6)
+        assert ok.choices[0].message.role == "assistant" and ok.choices[0].message.content
+        assert ok.usage.completion_tokens == 6 and ok.choices[0].finish_reason == "length"
+        flac = client.chat.completions.create(model=svc.model, messages=_audio_msg(_wav_bytes(0.5, "FLAC"), "flac"),
+                                              max_tokens=4)
+        assert flac.usage.completion_tokens == 4
+        # Greedy by default: the same clip and question give the same answer; another clip changes the prompt.
+        again = client.chat.completions.create(model=svc.model, messages=_audio_msg(_wav_bytes(1.0)), max_tokens=6)
+        assert again.choices[0].message.content == ok.choices[0].message.content
+        assert again.usage.prompt_tokens == ok.usage.prompt_tokens
+        text_only = client.chat.completions.create(
+            model=svc.model, messages=[{"role": "user", "content": "Hello"}], max_tokens=4)
+        assert text_only.usage.prompt_tokens < ok.usage.prompt_tokens
+
+        bad_cases = [
+            (_audio_msg(b"RIFF....WAVEfmt this is not audio at all" * 10), 400, "could not be decoded"),
+            (_audio_msg("!!!not base64!!!"), 400, "not valid base64"),
+            (_audio_msg(_wav_bytes(3.0)), 400, "> limit 2 s"),  # 3 s clip, limit 2 s (96 KB: under the MB limit)
+            (_audio_msg(_wav_bytes(1.0), "mp3"), 400, "not supported"),
+            (_audio_msg(b"\0" * 400_000), 413, "MB > limit"),  # over the byte limit, refused before decoding
+            ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], 400, "not supported"),
+        ]
+        for messages, status, text in bad_cases:
+            with pytest.raises(openai.APIStatusError) as err:
+                client.chat.completions.create(model=svc.model, messages=messages, max_tokens=4)
+            assert err.value.status_code == status, err.value
+            assert text in err.value.message
+
+        # The replica keeps serving after the bad requests.
+        after = client.chat.completions.create(model=svc.model, messages=_audio_msg(_wav_bytes(1.0)), max_tokens=6)
+        assert after.choices[0].message.content == ok.choices[0].message.content
+    finally:
+        stop_alm(svc, shutdown=True)
+
+
+# ---------------------------------------------------------------------------------------------- eval stage
+def _make_corpus(run_dir, write_wav) -> None:
+    """A corpus stage with a few held-out clips (and training clips for distractor values)."""
+    specs = [
+        ("s1", "speech", "test", {"gender": "female", "transcript": "bring seven apples tomorrow"}, 440, "tone"),
+        ("s2", "speech", "train", {"gender": "male", "transcript": "the lazy river flows"}, 300, "tone"),
+        ("n1", "sound", "test", {"label": "white noise", "noise_colour": "white"}, 0, "noise"),
+        ("n2", "sound", "test", {"label": "beeps", "beep_count": "3", "pitch_register": "high"}, 1200, "tone"),
+        ("m1", "music", "test", {"instrument": "violin", "tempo": "fast"}, 660, "tone"),
+        ("m2", "music", "train", {"instrument": "piano", "tempo": "slow"}, 220, "tone"),
+    ]
+    rows = []
+    for cid, domain, split, meta, freq, kind in specs:
+        path = write_wav(f"assets/{cid}.wav", seconds=0.8, kind=kind, freq=freq or 440)
+        rows.append(records.make_record(id=cid, source="demo", split=split, domain=domain, audio_uri=str(path),
+                                        duration_s=0.8, sample_rate=16000, metadata=meta))
+    records.write_part(records.data_uri(storage.join(run_dir, "corpus")), rows)
+
+
+def test_eval_stage_demo_with_controls_and_resume(ray_local, tiny_export, tmp_path, write_wav):
+    from ralm.eval.run import run
+
+    run_dir = str(tmp_path / "run")
+    _make_corpus(run_dir, write_wav)
+    cfg = RalmConfig()
+    cfg.eval.adapters = [tiny_export]
+    cfg.eval.max_new_tokens = 4
+    cfg.eval.batch_size = 4
+    cfg.eval.num_cpus = 0.5
+    cfg.eval.mcq_per_clip = 1
+    stage = run(cfg, run_dir)
+    assert stage == f"{run_dir}/eval" and records.is_complete(stage)
+
+    mcq = json.loads((tmp_path / "run/eval/demo_mcq.json").read_text())
+    assert {it["clip_id"] for it in mcq} == {"s1", "n1", "n2", "m1"}  # held-out clips only
+    report = json.loads((tmp_path / "run/eval/report.json").read_text())
+    assert report["benchmark"] == "demo" and report["items"] == len(mcq)
+    assert set(report["conditions"]) == {"audio", "shuffled", "silence"}
+    assert set(report["controls"]) == {"shuffled", "silence"}
+    assert 0 < report["chance"] < 1 and report["unparsed_rate"] is not None
+    assert set(report["by_domain"]) <= {"speech", "sound", "music", "instruction"}
+    assert report["text_preserved"]["passed"] is True
+    md = (tmp_path / "run/eval/report.md").read_text()
+    assert "| shuffled |" in md and "| silence |" in md and "| chance |" in md and "Text preserved" in md
+
+    # The official-shape file: the items + model_output, scored by the official rule = our accuracy.
+    preds = json.loads((tmp_path / "run/eval/demo_predictions.json").read_text())
+    assert [p["id"] for p in preds] == [it["id"] for it in mcq]
+    official = sum(string_match(p["answer"], p["model_output"], p["choices"]) for p in preds) / len(preds)
+    assert official == pytest.approx(report["overall"])
+    assert all(p["model_output"] in ("", *p["choices"]) for p in preds)
+
+    # Rerun: everything is committed, nothing is generated again.
+    pred_dir = report["predictions_dir"]
+    parts = records.part_uris(records.data_uri(pred_dir))
+    assert len(records.read_ids(records.data_uri(pred_dir))) == 3 * len(mcq)
+    run(cfg, run_dir)
+    assert records.part_uris(records.data_uri(pred_dir)) == parts
+
+
+def test_eval_stage_mmau_rejects_bad_items_and_audio(ray_local, tiny_export, tmp_path, write_wav):
+    from ralm.eval.run import run
+
+    for name, freq in (("a", 300), ("b", 900), ("c", 1500)):
+        write_wav(f"audio/{name}.wav", seconds=0.6, freq=freq)
+    items = json.loads(open("tests/fixtures/eval/mmau-mini.json").read())
+    items[0]["audio_id"], items[1]["audio_id"] = "./audio/a.wav", "./audio/b.wav"
+    items[2]["audio_id"] = "./audio/missing.wav"  # -> an audio reject, scored wrong, reported as an error
+    items.append({**items[0], "id": "mmau-4", "audio_id": "./audio/c.wav"})
+    data = tmp_path / "mmau.json"
+    data.write_text(json.dumps(items))
+    cfg = RalmConfig()
+    cfg.eval.benchmark = "mmau"
+    cfg.eval.data = str(data)
+    cfg.eval.audio_root = str(tmp_path)
+    cfg.eval.adapters = [tiny_export]
+    cfg.eval.max_new_tokens = 3
+    cfg.eval.controls = ["shuffled"]
+    cfg.eval.text_check = False
+    cfg.eval.num_cpus = 0.5
+    run(cfg, str(tmp_path / "run"))
+    report = json.loads((tmp_path / "run/eval/mmau.report.json").read_text())
+    assert report["items"] == 4 and report["rejected_items"] == 1
+    assert report["rejects_by_reason"] == {"answer_not_in_choices": 1}
+    assert report["conditions"]["audio"]["errors"] == {"missing": 1}
+    assert set(report["conditions"]) == {"audio", "shuffled"}
+    assert report["by_domain"].keys() == {"music", "speech", "sound"}
+    rejects = records.read_rejects(report["predictions_dir"])
+    # The missing clip fails in the audio condition and wherever the shuffled control hands it to an item.
+    assert {r["reason"] for r in rejects} == {"missing"} and len(rejects) == 2
+    assert sorted(r["id"].split("/")[0] for r in rejects) == ["audio", "shuffled"]
+    assert "audio/mmau-3" in {r["id"] for r in rejects}
+    assert (tmp_path / "run/eval/mmau_predictions.json").exists()
+    assert (tmp_path / "run/eval/mmau_predictions.shuffled.json").exists()

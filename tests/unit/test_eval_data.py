@@ -1,0 +1,160 @@
+"""Benchmark loaders on fixture files, the demo MCQ builder, and the controls."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from ralm.eval.benchmarks import BENCHMARKS, load_benchmark, read_items
+from ralm.eval.controls import SILENCE_PREFIX, apply_control, chance, load_item_audio
+from ralm.eval.mcq import build_demo_mcq, content_words
+from ralm.eval.scoring import string_match
+
+FIX = Path(__file__).resolve().parent.parent / "fixtures" / "eval"
+
+
+def test_registry_has_the_benchmarks():
+    assert {"mmau", "mmsu", "mmar", "demo"} <= set(BENCHMARKS)
+    with pytest.raises(KeyError, match="registered"):
+        load_benchmark("nope", str(FIX / "mmau-mini.json"))
+
+
+def test_mmau_loader(tmp_path):
+    got = load_benchmark("mmau", str(FIX / "mmau-mini.json"), audio_root=str(tmp_path))
+    assert [it.id for it in got.items] == ["mmau-1", "mmau-2", "mmau-3"]
+    first = got.items[0]
+    assert first.audio == str(tmp_path / "audios" / "a.wav")
+    assert first.answer == "Violin" and first.answer_index == 0
+    assert (first.domain, first.category, first.difficulty) == ("music", "Instrument Identification", "easy")
+    assert got.items[2].answer == "Car horn"  # "Car horn " in the file: whitespace-insensitive
+    assert got.rejects == [{"id": "mmau-bad", "reason": "answer_not_in_choices",
+                            "detail": "answer 'maybe' is not one of the choices ['yes', 'no']"}]
+    # Default audio root: the data file's folder.
+    default = load_benchmark("mmau", str(FIX / "mmau-mini.json"))
+    assert default.items[0].audio == str(FIX / "audios" / "a.wav")
+    assert len(load_benchmark("mmau", str(FIX / "mmau-mini.json"), limit=2).items) == 2
+
+
+def test_mmsu_loader_letter_and_text_answers(tmp_path):
+    got = load_benchmark("mmsu", str(FIX / "mmsu-mini.jsonl"), audio_root=str(tmp_path))
+    assert len(got.items) == 2
+    a, b = got.items
+    assert a.choices == ["I", "never", "said", "that"] and a.answer_index == 1  # answer_gt as text
+    assert b.answer_index == 2 and b.answer == "a greeting"  # answer_gt as a letter
+    assert a.domain == "speech" and a.category == "perception" and a.subcategory == "phonology"
+    assert a.group_value("task") == "stress_detection"
+    assert got.rejects[0]["id"] == "mmsu-3" and got.rejects[0]["reason"] == "too_few_choices"
+    assert BENCHMARKS["mmsu"].scorer == "letter"
+    row = BENCHMARKS["mmsu"]().submission_row(b, 2, "<answer>3</answer>")
+    assert row["predicted_answer"] == "C" and row["model_prediction"] == "a greeting"
+
+
+def test_mmar_loader(tmp_path):
+    got = load_benchmark("mmar", str(FIX / "mmar-mini.jsonl"), audio_root=str(tmp_path))
+    assert [it.answer for it in got.items] == ["Two", "Jazz"]
+    assert got.items[1].domain == "mix-music-speech" and got.items[1].category == "Cultural Layer"
+    assert got.items[0].audio == str(tmp_path / "audio" / "x.wav")
+
+
+def test_bad_files_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_items(str(tmp_path / "missing.json"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1}\nnot json\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not a JSON line"):
+        read_items(str(bad))
+
+
+def test_submission_row_is_official_shape():
+    bench = BENCHMARKS["mmau"]()
+    item = load_benchmark("mmau", str(FIX / "mmau-mini.json")).items[0]
+    row = bench.submission_row(item, 1, "<answer>2</answer>")
+    assert row["model_output"] == "Electric violin" and row["model_prediction"] == "Electric violin"
+    assert row["id"] == "mmau-1" and row["choices"] == item.choices  # the original item is echoed
+    assert bench.submission_row(item, None, "no idea")["model_output"] == ""
+
+
+# ---------------------------------------------------------------------------------------------- demo MCQ
+def _rec(i, domain, split="test", **meta):
+    return {"id": f"c{i}", "clip_id": f"c{i}", "split": split, "domain": domain, "audio_uri": f"/a/c{i}.wav",
+            "metadata": {k: str(v) for k, v in meta.items() if v is not None}}
+
+
+CORPUS = [
+    _rec(1, "speech", gender="female", transcript="The quick brown fox jumps over the lazy dog"),
+    _rec(2, "speech", "train", gender="male", transcript="Please bring seven apples tomorrow morning"),
+    _rec(3, "sound", label="bell", pitch_register="high", beep_count=None),
+    _rec(4, "sound", label="beeps", beep_count="3", pitch_register="low", frequency_hz="220"),
+    _rec(5, "sound", "train", label="white noise", noise_colour="white"),
+    _rec(6, "music", instrument="violin", tempo="fast", key="C major", mode="major"),
+    _rec(7, "music", "train", instrument="acoustic guitar", tempo="slow"),
+    _rec(8, "instruction", transcript="What is three plus four?", answer="7", gender="male"),
+]
+
+
+def test_demo_mcq_builder():
+    tests = [r for r in CORPUS if r["split"] == "test"]
+    items = build_demo_mcq(tests, pool_records=CORPUS, per_clip=3, seed=0)
+    assert items == build_demo_mcq(tests, pool_records=CORPUS, per_clip=3, seed=0)  # deterministic
+    by_clip: dict[str, list] = {}
+    for it in items:
+        by_clip.setdefault(it["clip_id"], []).append(it)
+        # One correct choice, distractors no word-token scorer can confuse with it.
+        assert it["answer"] in it["choices"] and len(set(it["choices"])) == len(it["choices"])
+        others = [c for c in it["choices"] if c != it["answer"]]
+        assert all(not string_match(it["answer"], o, it["choices"]) for o in others)
+        assert it["task"] in {"speech", "sound", "music"} and it["difficulty"] in {"easy", "medium", "hard"}
+        assert 2 <= len(it["choices"]) <= 4
+    assert set(by_clip) == {"c1", "c3", "c4", "c6", "c8"}  # train clips never asked about
+    assert all(len(v) <= 3 for v in by_clip.values())
+    for it in [it for it in items if it["category"] == "transcript_word" and it["clip_id"] == "c1"]:
+        # The spoken word: other words of the same transcript are never distractors.
+        spoken = set(content_words(CORPUS[0]["metadata"]["transcript"]))
+        assert it["answer"] in spoken and not spoken & (set(it["choices"]) - {it["answer"]})
+    gender = [it for it in items if it["category"] == "gender"]
+    assert all(sorted(it["choices"]) == ["female", "male"] for it in gender)  # honest 2-way choice
+    beeps = [it for it in items if it["category"] == "beep_count"]
+    assert all(it["answer"] == "3 beeps" and len(it["choices"]) == 4 for it in beeps)
+    arithmetic = [it for it in items if it["category"] == "answer"]
+    assert all(it["answer"] == "7" and it["task"] == "speech" for it in arithmetic)
+
+
+def test_demo_mcq_loads_as_benchmark(tmp_path):
+    out = tmp_path / "eval" / "demo_mcq.json"
+    items = build_demo_mcq([r for r in CORPUS if r["split"] == "test"], str(out), pool_records=CORPUS)
+    assert json.loads(out.read_text()) == items
+    loaded = load_benchmark("demo", str(out))
+    assert not loaded.rejects and len(loaded.items) == len(items)
+    assert loaded.items[0].audio.startswith("/a/")  # absolute corpus URIs kept
+    assert {it.domain for it in loaded.items} <= {"speech", "sound", "music", "instruction"}
+    with pytest.raises(KeyError, match="unknown MCQ facts"):
+        build_demo_mcq(CORPUS, facts=["nope"])
+
+
+# ---------------------------------------------------------------------------------------------- controls
+def test_controls(tmp_path):
+    for name in "abc":
+        sf.write(tmp_path / f"{name}.wav", np.full(8000, 0.1, dtype=np.float32), 16000)
+    mmau = json.loads((FIX / "mmau-mini.json").read_text())[:3]
+    for it, name in zip(mmau, "abc", strict=True):
+        it["audio_id"] = f"{name}.wav"
+    mmau.append({**mmau[0], "id": "mmau-1b", "question": "Same clip, second question"})
+    (tmp_path / "set.json").write_text(json.dumps(mmau))
+    items = load_benchmark("mmau", str(tmp_path / "set.json")).items
+    shuffled = apply_control("shuffled", items, seed=1)
+    assert [s.id for s in shuffled] == [it.id for it in items]
+    assert all(s.audio != it.audio for s, it in zip(shuffled, items, strict=True))  # never its own clip
+    assert sorted({s.audio for s in shuffled}) == sorted({it.audio for it in items})
+    assert shuffled[0].audio == shuffled[3].audio  # one clip -> one replacement
+    silent = apply_control("silence", items)
+    assert all(s.audio == SILENCE_PREFIX + it.audio for s, it in zip(silent, items, strict=True))
+    wav = load_item_audio(silent[0].audio, 16000)
+    assert wav.shape == (8000,) and not wav.any()
+    assert load_item_audio(items[0].audio, 16000).max() == pytest.approx(0.1, abs=1e-3)
+    assert chance(items) == pytest.approx((0.25 + 0.25 + 1 / 3 + 0.25) / 4)
+    with pytest.raises(ValueError, match="at least 2 different clips"):
+        apply_control("shuffled", items[:1])

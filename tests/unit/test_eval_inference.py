@@ -1,0 +1,90 @@
+"""Single-clip inference, the text-preservation check and ALARM-E ensembles (tiny random LLM + random
+adapters on the real offline Whisper tiny.en encoder; no Ray)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ralm.audio.io import AudioError
+from ralm.eval.inference import ALMInference, chat, check_text_preserved
+from tests.fixtures.tiny_alm import make_tiny_export
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory) -> tuple[str, str]:
+    root = tmp_path_factory.mktemp("alm")
+    return make_tiny_export(root, seed=0), make_tiny_export(root, seed=1)
+
+
+@pytest.fixture(scope="module")
+def engine(exports) -> ALMInference:
+    return ALMInference([exports[0]])
+
+
+def test_text_only_prompt_is_exactly_the_frozen_llm(engine):
+    questions = ["What is the capital of France?", "Write one sentence about the sea.", "2+2="]
+    rows = check_text_preserved(engine, questions, max_new_tokens=12)
+    assert all(r["same"] for r in rows), rows
+    # The lively tiny LLM answers each prompt differently, so equality above is not a coincidence.
+    assert len({r["frozen_llm"] for r in rows}) == len(questions)
+    assert all(r["frozen_llm"].strip() for r in rows)
+
+
+def test_single_clip_answer_and_bad_audio(engine, exports, write_wav):
+    clip = write_wav("tone.wav", seconds=1.0, freq=440)
+    other = write_wav("noise.wav", seconds=1.0, kind="noise")
+    a = engine.answer(str(clip), "What do you hear?", max_new_tokens=6)
+    assert a == engine.answer(str(clip), "What do you hear?", max_new_tokens=6)  # greedy: deterministic
+    # Audio reaches the LLM: another clip, or no clip, changes the prompt the LLM sees.
+    p_clip = engine.prompt(engine.featurize(*engine.load(str(clip))), "q")["prompt_embeds"]
+    p_other = engine.prompt(engine.featurize(*engine.load(str(other))), "q")["prompt_embeds"]
+    assert p_clip.shape == p_other.shape and not torch.allclose(p_clip, p_other)
+    # One adapter: exactly the ALM's own prompt (no glue text).
+    feats = engine.featurize(*engine.load(str(clip)))
+    ref = engine.alm.build_inputs(feats[0], "q")["inputs_embeds"][0]
+    assert torch.equal(p_clip, ref)
+    gens = engine.generate([(str(clip), "q"), (str(clip.parent / "missing.wav"), "q"), (None, "q")], 3)
+    assert [g.finish_reason for g in gens] == ["length", "error", "length"]
+    assert gens[1].error.startswith("missing:")
+    with pytest.raises(AudioError, match="missing"):
+        engine.answer(str(clip.parent / "missing.wav"), "q")
+    assert chat(exports[0], str(clip), "What do you hear?", max_new_tokens=6) == a
+
+
+def test_ensemble_places_each_adapters_audio_with_glue(exports, engine, write_wav):
+    from ralm.model.export import load_alm
+
+    clip = write_wav("tone.wav", seconds=1.0, freq=660)
+    ens = ALMInference(list(exports), glue="This is what you hear, pass {i} of {n}:")
+    assert len(ens.encoders) == 1  # both adapters use Whisper tiny layers 2,4: encoded once
+    feats = ens.featurize(*ens.load(str(clip)))
+    emb = ens.prompt(feats, "q")["prompt_embeds"]
+    layout = ens.alm.layout
+    second = load_alm(exports[1])
+    blocks = [engine.alm.embed_audio(feats[0]), second.embed_audio(feats[1])]
+    pieces = [ens.alm.embed_ids(layout.prefix_ids),
+              ens.alm.embed_ids(layout.ids("This is what you hear, pass 1 of 2: ")), blocks[0],
+              ens.alm.embed_ids(layout.ids("\nThis is what you hear, pass 2 of 2: ")), blocks[1],
+              ens.alm.embed_ids(layout.suffix_ids("q"))]
+    assert torch.allclose(emb, torch.cat(pieces), atol=1e-6)
+    assert not torch.allclose(blocks[0], blocks[1])  # two different adapters
+    assert ens.answer(str(clip), "What do you hear?", max_new_tokens=4)
+    assert all(r["same"] for r in check_text_preserved(ens, ["Hello"], max_new_tokens=6))
+
+
+@pytest.mark.gpu
+def test_vllm_backend_from_prompt_embeddings_matches_transformers(exports, write_wav):
+    """vLLM fed the ALM's prompt embeddings gives the transformers back end's greedy answer."""
+    clip = str(write_wav("tone.wav", seconds=1.0, freq=440))
+    hf = ALMInference([exports[0]])
+    want = [g.text for g in hf.generate([(clip, "What do you hear?"), (None, "Hello")], 8)]
+    hf.close()
+    vl = ALMInference([exports[0]], backend="vllm",
+                      backend_options={"max_model_len": 512, "dtype": "float32", "gpu_memory_utilization": 0.3})
+    try:
+        got = [g.text for g in vl.generate([(clip, "What do you hear?"), (None, "Hello")], 8)]
+        assert got == want
+        assert all(r["same"] for r in check_text_preserved(vl, ["What is the capital of France?"], 12))
+    finally:
+        vl.close()
