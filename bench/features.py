@@ -1,0 +1,160 @@
+"""Feature-extraction throughput: Ray Data actor pools vs a plain single-process loop, same clips, same run.
+
+Prints one JSON line: audio-seconds per second through `ralm.features.pipeline.build_dataset` (decode
+tasks + one actor pool per encoder) and through a loop (load_audio + encoder.encode, torch on one thread,
+the single-core baseline), and `ratio` = pool / loop. Both timings include loading the encoders.
+Usage: python bench/features.py [--clips 40] [--seconds 3] [--pool 2]
+       python bench/features.py --memory --clips 100 --seconds 1   (driver peak RSS of the stage, N vs 4N clips)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+import soundfile as sf
+
+
+def make_corpus(root: str, clips: int, seconds: float) -> str:
+    from ralm import records
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(clips):
+        sr = 16000 if i % 2 else 22050
+        t = np.arange(int(sr * seconds)) / sr
+        wav = 0.3 * np.sin(2 * np.pi * (110 * (1 + i % 8)) * t) + 0.05 * rng.standard_normal(len(t))
+        path = os.path.join(root, f"clip{i:04d}.wav")
+        sf.write(path, wav.astype(np.float32), sr)
+        rows.append(records.make_record(id=f"c{i:04d}", clip_id=f"c{i:04d}", source="bench", split="train",
+                                        audio_uri=path, offset_s=0.0, duration_s=seconds, sample_rate=sr))
+    run_dir = os.path.join(root, "run")
+    with records.PartWriter(records.data_uri(f"{run_dir}/corpus"), part_rows=16) as w:
+        w.extend(rows)
+    return run_dir
+
+
+def bench_loop(cfg, run_dir: str) -> tuple[float, float]:
+    import torch
+
+    from ralm import records
+    from ralm.audio import load_audio
+    from ralm.encoders import build_encoder
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    encoders = [build_encoder(s) for s in cfg.features.encoders]
+    seconds = 0.0
+    for r in records.iter_records(records.data_uri(f"{run_dir}/corpus")):
+        decoded: dict[int, np.ndarray] = {}  # decode once per rate, as the pipeline does
+        for enc in encoders:
+            if enc.sample_rate not in decoded:
+                decoded[enc.sample_rate] = load_audio(r["audio_uri"], enc.sample_rate, r["offset_s"] or 0.0,
+                                                      r["duration_s"])
+            wav = decoded[enc.sample_rate]
+            enc.encode([wav])
+        seconds += len(wav) / encoders[-1].sample_rate
+    return seconds, time.perf_counter() - t0
+
+
+def bench_pool(cfg, run_dir: str) -> tuple[float, float]:
+    from ralm import records
+    from ralm.encoders import describe_encoder
+    from ralm.features.pipeline import _plan, build_dataset
+
+    corpus = records.data_uri(f"{run_dir}/corpus")
+    n_shards, _ = _plan(cfg, corpus, [describe_encoder(s) for s in cfg.features.encoders])
+    t0 = time.perf_counter()
+    seconds, first = 0.0, None
+    for batch in build_dataset(cfg, corpus, n_shards, set(), set()).iter_batches(batch_size=None,
+                                                                                  batch_format="numpy"):
+        if first is None:  # start-up (actors loading models) ends when the first batch arrives
+            first = (time.perf_counter() - t0, float(np.sum(batch["seconds"])))
+        seconds += float(np.sum(batch["seconds"]))
+    wall = time.perf_counter() - t0
+    bench_pool.steady = (seconds - first[1]) / max(wall - first[0], 1e-9) if first else 0.0  # type: ignore[attr-defined]
+    bench_pool.startup = first[0] if first else 0.0  # type: ignore[attr-defined]
+    return seconds, wall
+
+
+def _stage_peak_rss(clips: int, seconds: float, root: str) -> dict:
+    """Run the whole stage in a fresh process on `clips` clips; its peak RSS (driver) in MB."""
+    import subprocess
+    import sys
+
+    code = (
+        "import json, resource, sys; sys.path.insert(0, 'bench');"
+        "from features import make_corpus; from ralm.config import RalmConfig;"
+        "from ralm.features import pipeline;"
+        f"run = make_corpus({root!r}, {clips}, {seconds});"
+        "cfg = RalmConfig.model_validate({'features': {'encoders': [{'name': 'crepe', 'model': 'crepe-tiny',"
+        " 'layers': [5], 'options': {'hop_length': 640}}]}, 'shards': {'target_mb': 1}});"
+        "pipeline.run(cfg, run);"
+        "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    rss = [float(line.split()[1]) for line in out.stdout.splitlines() if line.startswith("RSS ")][-1]
+    return {"clips": clips, "driver_peak_rss_mb": round(rss, 1)}
+
+
+def memory_main(clips: int, seconds: float) -> None:
+    runs = []
+    for n in (clips, 4 * clips):
+        with tempfile.TemporaryDirectory() as root:
+            runs.append(_stage_peak_rss(n, seconds, root))
+    print(json.dumps({"bench": "features_memory", "runs": runs,
+                      "rss_ratio_4x": round(runs[1]["driver_peak_rss_mb"] / runs[0]["driver_peak_rss_mb"], 3)}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--memory", action="store_true", help="peak RSS of the stage on N and 4N clips instead")
+    ap.add_argument("--clips", type=int, default=40)
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--pool", type=int, default=2, help="actors per encoder pool")
+    ap.add_argument("--config", default=None, help="a config whose features section to use (default: defaults)")
+    args = ap.parse_args()
+    if args.memory:
+        memory_main(args.clips, args.seconds)
+        return
+
+    import ray
+
+    from ralm.cluster import init_ray
+    from ralm.config import load_config
+
+    cfg = load_config(args.config)
+    for spec in cfg.features.encoders:
+        spec.pool_min = spec.pool_max = args.pool
+    with tempfile.TemporaryDirectory() as root:
+        run_dir = make_corpus(root, args.clips, args.seconds)
+        init_ray(cfg.ray)
+        ray.data.DataContext.get_current().execution_options.preserve_order = True  # as the stage runs it
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        pool_s, pool_t = bench_pool(cfg, run_dir)
+        ray.shutdown()
+        loop_s, loop_t = bench_loop(cfg, run_dir)
+    out = {
+        "bench": "features",
+        "encoders": [f"{s.name}:{s.model}:{s.layers}" for s in cfg.features.encoders],
+        "clips": args.clips, "clip_seconds": args.seconds, "actors_per_pool": args.pool, "cpus": os.cpu_count(),
+        "pool_audio_s_per_s": round(pool_s / pool_t, 3), "loop_audio_s_per_s": round(loop_s / loop_t, 3),
+        "pool_wall_s": round(pool_t, 2), "loop_wall_s": round(loop_t, 2),
+        "ratio": round((pool_s / pool_t) / (loop_s / loop_t), 3),
+        # after the first batch (actors loaded), what a long corpus sees; start-up is paid once per stage
+        "pool_startup_s": round(bench_pool.startup, 2),  # type: ignore[attr-defined]
+        "pool_steady_audio_s_per_s": round(bench_pool.steady, 3),  # type: ignore[attr-defined]
+        "ratio_steady": round(bench_pool.steady / (loop_s / loop_t), 3),  # type: ignore[attr-defined]
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }
+    assert abs(pool_s - loop_s) < 1e-3 * max(1.0, loop_s), (pool_s, loop_s)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

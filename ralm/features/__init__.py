@@ -1,0 +1,1 @@
+"""Feature extraction: encoder actor pools on Ray Data -> WebDataset shards + Parquet index."""

@@ -1,0 +1,399 @@
+"""`ralm features`: corpus clips -> decode (CPU tasks) -> one actor pool per encoder -> WebDataset shards.
+
+Shard plan: a clip goes to shard `hash(clip_id) % n` of its split, where `n` comes from the projected
+bytes of the split and `shards.target_mb`. So a shard's content is a pure function of the corpus: a
+rerun skips shards whose index part exists, recomputes only the others, and writes the same bytes.
+Records are sorted by (split, shard, clip_id) before decoding and Ray Data keeps that order
+(`preserve_order`), so shards complete one after another and the driver holds one open shard (on local
+disk), never the corpus. Features are keyed by clip: one sample per clip id, however many prompts it has.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from ralm import records, storage
+from ralm.audio import AudioError, load_audio
+from ralm.config import EncoderSpec, RalmConfig
+from ralm.encoders import EncoderInfo, build_encoder, describe_encoder
+from ralm.features.shards import INDEX_SCHEMA, ShardFile, shard_name, write_index
+
+log = logging.getLogger(__name__)
+
+STAGE = "features"
+_READ_COLUMNS = ["clip_id", "split", "source", "audio_uri", "offset_s", "duration_s"]
+_TAR_OVERHEAD = 1536  # per-sample bytes beyond the arrays: json member + one header per member (approx.)
+_ITEMSIZE = {"float16": 2, "float32": 4}
+
+
+# ---------------------------------------------------------------------------------------------- plan
+def shard_of(clip_id: str, n_shards: int) -> int:
+    return int(hashlib.sha1(clip_id.encode()).hexdigest()[:12], 16) % max(1, n_shards)
+
+
+def clip_bytes(duration_s: float, infos: list[EncoderInfo], itemsize: int) -> int:
+    return _TAR_OVERHEAD + sum(i.num_frames(duration_s) * len(i.layers) * i.width * itemsize + 128 for i in infos)
+
+
+def storage_math(infos: list[EncoderInfo], dtype: str, hours: float) -> dict[str, Any]:
+    item = _ITEMSIZE[dtype]
+    per_enc = {i.name: i.bytes_per_second(item) * 3600 for i in infos}
+    per_hour = sum(per_enc.values())
+    return {"dtype": dtype, "bytes_per_audio_hour": per_hour, "bytes_per_audio_hour_by_encoder": per_enc,
+            "audio_hours": hours, "projected_bytes": per_hour * hours}
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1024 or unit == "PB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PB"
+
+
+def _iter_corpus(corpus_data: str, columns: list[str]) -> Iterator[dict[str, Any]]:
+    yield from records.iter_records(corpus_data, columns)
+
+
+def _plan(cfg: RalmConfig, corpus_data: str, infos: list[EncoderInfo]) -> tuple[dict[str, int], dict[str, Any]]:
+    """Shards per split from one streaming pass over the corpus (only sums are kept)."""
+    item = _ITEMSIZE[cfg.shards.dtype]
+    seconds: Counter[str] = Counter()
+    clips: Counter[str] = Counter()
+    projected: Counter[str] = Counter()
+    for r in _iter_corpus(corpus_data, ["clip_id", "split", "duration_s"]):
+        if r["split"] not in cfg.features.splits:
+            continue
+        d = float(r["duration_s"] or 0.0)
+        seconds[r["split"]] += d
+        clips[r["split"]] += 1
+        projected[r["split"]] += clip_bytes(d, infos, item)
+    target = cfg.shards.target_mb * 2**20
+    n_shards = {s: max(1, math.ceil(projected[s] / target)) for s in clips}
+    stats = {"clips": dict(clips), "seconds": dict(seconds), "projected_bytes": dict(projected)}
+    return n_shards, stats
+
+
+def _remove_stale_temps(shards_dir: str) -> None:
+    """Temp files of a killed run (local shard dirs only; S3 never sees a partial shard)."""
+    if not storage.is_remote(shards_dir):
+        for uri in storage.ls(shards_dir, ".tmp-shard-*"):
+            storage.remove(uri)
+
+
+def _done_shards(index_dir: str) -> set[tuple[str, int]]:
+    done = set()
+    for uri in storage.ls(index_dir, "part-*.parquet"):
+        stem = uri.rsplit("/", 1)[-1][len("part-") : -len(".parquet")]
+        split, _, n = stem.rpartition("-")
+        if n.isdigit():
+            done.add((split, int(n)))
+    return done
+
+
+# ---------------------------------------------------------------------------------------------- Ray UDFs
+def plan_batch(batch: dict[str, np.ndarray], n_shards: dict[str, int], skip_shards: set[tuple[str, int]],
+               skip_ids: set[str]) -> dict[str, np.ndarray]:
+    """Give each row its shard; drop rows of other splits, of finished shards, and already-rejected clips."""
+    shard = np.array([shard_of(str(c), n_shards.get(str(s), 1)) for c, s in zip(batch["clip_id"], batch["split"],
+                                                                              strict=True)], dtype=np.int64)
+    keep = np.array([str(s) in n_shards and str(c) not in skip_ids and (str(s), int(n)) not in skip_shards
+                     for c, s, n in zip(batch["clip_id"], batch["split"], shard, strict=True)], dtype=bool)
+    out = {k: v[keep] for k, v in batch.items()}
+    out["shard"] = shard[keep]
+    return out
+
+
+def decode_batch(batch: dict[str, np.ndarray], sample_rates: list[int]) -> dict[str, np.ndarray]:
+    """Decode + resample each clip once per needed rate; a failure becomes an `error` (reason) on the row."""
+    n = len(batch["clip_id"])
+    wavs: dict[int, list[np.ndarray]] = {sr: [] for sr in sample_rates}
+    errors, details, seconds = [], [], []
+    for i in range(n):
+        uri = str(batch["audio_uri"][i])
+        off = float(batch["offset_s"][i]) if batch["offset_s"][i] is not None else 0.0
+        dur = batch["duration_s"][i]
+        dur = None if dur is None or not np.isfinite(dur) or dur <= 0 else float(dur)
+        err, detail, secs, out = "", "", 0.0, {}
+        try:
+            for sr in sample_rates:
+                w = load_audio(uri, sr, off or 0.0, dur)
+                if len(w) == 0:
+                    raise AudioError("empty", f"{uri} decoded to no samples")
+                if not np.all(np.isfinite(w)):
+                    raise AudioError("corrupt", f"{uri} has NaN or infinite samples")
+                out[sr] = w
+            secs = len(out[sample_rates[0]]) / sample_rates[0]
+        except AudioError as e:
+            err, detail = e.reason, e.detail
+        except Exception as e:  # anything else a decoder throws: still one reject, the job goes on
+            err, detail = "decode_error", f"{uri}: {type(e).__name__}: {e}"
+        for sr in sample_rates:
+            wavs[sr].append(out.get(sr, np.zeros(1, dtype=np.float32)))
+        errors.append(err)
+        details.append(detail)
+        seconds.append(secs)
+    for sr, lst in wavs.items():
+        batch[f"wav_{sr}"] = _objects(lst)
+    batch["error"] = np.array(errors, dtype=object)
+    batch["detail"] = np.array(details, dtype=object)
+    batch["seconds"] = np.array(seconds, dtype=np.float64)
+    return batch
+
+
+def _objects(items: list[Any]) -> np.ndarray:
+    arr = np.empty(len(items), dtype=object)
+    arr[:] = items
+    return arr
+
+
+class EncoderActor:
+    """One actor of an encoder's pool: loads the frozen encoder once, encodes the batches it is given."""
+
+    def __init__(self, spec: dict[str, Any], dtype: str):
+        import torch
+
+        self.spec = EncoderSpec.model_validate(spec)
+        threads = int(self.spec.options.get("threads", max(1, int(self.spec.num_cpus))))
+        torch.set_num_threads(threads)
+        self.encoder = build_encoder(self.spec)
+        self.dtype = np.dtype(dtype)
+        self.column = f"wav_{self.encoder.sample_rate}"
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        errors = list(batch["error"])
+        details = list(batch["detail"])
+        feats: list[np.ndarray] = [np.zeros((1, 1, 1), dtype=self.dtype)] * len(errors)
+        ok = [i for i, e in enumerate(errors) if not e]
+        try:
+            outs = self.encoder.encode([batch[self.column][i] for i in ok])
+            for i, o in zip(ok, outs, strict=True):
+                feats[i] = o.astype(self.dtype)
+        except Exception:  # find the clip that fails; the others still get encoded
+            for i in ok:
+                try:
+                    feats[i] = self.encoder.encode([batch[self.column][i]])[0].astype(self.dtype)
+                except Exception as e:
+                    errors[i] = "encode_error"
+                    details[i] = f"{self.spec.name}: {type(e).__name__}: {e}"
+        batch[f"feat__{self.spec.name}"] = _objects(feats)
+        batch["error"] = np.array(errors, dtype=object)
+        batch["detail"] = np.array(details, dtype=object)
+        return batch
+
+
+def _arrow_filesystem(uri: str) -> Any:
+    if not storage.is_remote(uri):
+        return None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return PyFileSystem(FSSpecHandler(storage.filesystem(uri)[0]))
+
+
+def build_dataset(cfg: RalmConfig, corpus_data: str, n_shards: dict[str, int],
+                  skip_shards: set[tuple[str, int]], skip_ids: set[str]) -> Any:
+    """The lazy Ray Data pipeline: read -> plan -> sort -> decode tasks -> encoder actor pools."""
+    import ray
+
+    fs = _arrow_filesystem(corpus_data)
+    path = storage.filesystem(corpus_data)[1] if fs is not None else corpus_data
+    ds = ray.data.read_parquet(path, columns=_READ_COLUMNS, filesystem=fs, file_extensions=["parquet"])
+    ds = ds.map_batches(plan_batch, fn_kwargs={"n_shards": n_shards, "skip_shards": skip_shards,
+                                               "skip_ids": skip_ids}, batch_format="numpy", num_cpus=0.1,
+                        compute=ray.data.TaskPoolStrategy(size=1))
+    ds = ds.sort(["split", "shard", "clip_id"])
+    rates = sorted({describe_encoder(s).sample_rate for s in cfg.features.encoders})
+    # Decode tasks are capped: every new worker process pays torch's import (seconds of CPU on 2 cores).
+    # Their batches are no larger than the smallest encoder batch: Ray bundles rows per task by this size,
+    # and when it fuses decode into the first actor pool (same CPU shape) one big bundle = one busy actor.
+    decode_bs = min([cfg.features.decode_batch_size] + [s.batch_size for s in cfg.features.encoders])
+    ds = ds.map_batches(decode_batch, fn_kwargs={"sample_rates": rates}, batch_format="numpy",
+                        batch_size=decode_bs, num_cpus=cfg.features.decode_num_cpus,
+                        compute=ray.data.TaskPoolStrategy(size=cfg.features.decode_concurrency))
+    for spec in cfg.features.encoders:
+        ds = ds.map_batches(
+            EncoderActor,
+            fn_constructor_kwargs={"spec": spec.model_dump(mode="json"), "dtype": cfg.shards.dtype},
+            compute=ray.data.ActorPoolStrategy(min_size=spec.pool_min, max_size=max(spec.pool_min, spec.pool_max)),
+            batch_size=spec.batch_size, batch_format="numpy", num_cpus=spec.num_cpus, num_gpus=spec.num_gpus,
+        )
+    return ds.drop_columns([f"wav_{sr}" for sr in rates])
+
+
+# ---------------------------------------------------------------------------------------------- stage
+def run(cfg: RalmConfig, run_dir: str) -> str:
+    """Encode every corpus clip with every configured encoder into shards; returns `run_dir/features`."""
+    import ray
+    from tqdm import tqdm
+
+    from ralm.cluster import init_ray
+
+    t0 = time.time()
+    storage.configure(cfg.storage)
+    stage = cfg.stage_uri(STAGE, run_dir)
+    corpus_data = records.data_uri(cfg.stage_uri("corpus", run_dir))
+    if not records.part_uris(corpus_data):
+        raise FileNotFoundError(f"no corpus dataset at {corpus_data}: run `ralm corpus build` first")
+    shards_dir = (cfg.shards.uri or storage.join(stage, "shards")).rstrip("/")
+    index_dir, rejects_dir = records.data_uri(stage), records.rejects_uri(stage)
+    names = [s.name for s in cfg.features.encoders]
+    if len(set(names)) != len(names) or not names:
+        raise ValueError(f"features.encoders needs distinct names, got {names}")
+    infos = [describe_encoder(s) for s in cfg.features.encoders]
+    enc_meta = {i.name: i for i in infos}
+    n_shards, stats = _plan(cfg, corpus_data, infos)
+    hours = sum(stats["seconds"].values()) / 3600
+    math_ = storage_math(infos, cfg.shards.dtype, hours)
+    print(_storage_lines(infos, math_, stats))
+
+    done = _done_shards(index_dir)
+    meta = json.loads(json.dumps({"encoders": [i.to_dict() for i in infos], "dtype": cfg.shards.dtype,
+                                  "shards_uri": shards_dir, "n_shards": n_shards}))
+    meta_uri = storage.join(stage, "encoders.json")
+    if done and storage.exists(meta_uri) and storage.read_json(meta_uri) != meta:
+        # Finished shards were planned for other encoders / dtype / sizes / corpus: never mix them.
+        raise ValueError(f"{stage} holds shards made with another features config or corpus "
+                         f"(see {meta_uri}); use another run dir or delete {stage} to re-encode")
+    records.clear_success(stage)
+    storage.write_json(meta_uri, meta)
+    _remove_stale_temps(shards_dir)
+    rejected = {r["id"] for r in records.read_rejects(stage)}
+    pending = sum(1 for r in _iter_corpus(corpus_data, ["clip_id", "split"])
+                  if r["split"] in n_shards and r["clip_id"] not in rejected
+                  and (r["split"], shard_of(r["clip_id"], n_shards[r["split"]])) not in done)
+    print(f"[features] {sum(stats['clips'].values())} clips, {len(done)} shards already finished, "
+          f"{pending} clips to encode into {sum(n_shards.values())} planned shards under {shards_dir}")
+
+    counts: Counter[str] = Counter()
+    if pending:
+        init_ray(cfg.ray)
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # shards complete one after another, in order
+        ds = build_dataset(cfg, corpus_data, n_shards, done, rejected)
+        counts = _write_shards(ds, shards_dir, index_dir, rejects_dir, enc_meta, cfg.shards.dtype, stage,
+                               tqdm(total=pending, desc="features", unit="clip"))
+    report = _report(stage, infos, math_, stats, counts, len(done), time.time() - t0, cfg)
+    records.mark_success(stage, {"shards": report["shards"], "clips": report["clips_in_shards"]})
+    return stage
+
+
+def _write_shards(ds: Any, shards_dir: str, index_dir: str, rejects_dir: str, enc_meta: dict[str, EncoderInfo],
+                  dtype: str, stage: str, bar: Any) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    current: tuple[str, int] | None = None
+    shard: ShardFile | None = None
+    rejects = records.PartWriter(rejects_dir, schema=records.REJECT_SCHEMA, part_rows=10**9)
+    last_clip = None
+    feat_cols = [f"feat__{n}" for n in sorted(enc_meta)]
+
+    def finish() -> None:
+        nonlocal shard
+        rejects.flush()  # a shard's rejects are committed before the shard counts as finished
+        if shard is not None and shard.rows:
+            rows = shard.commit()
+            assert current is not None
+            write_index(index_dir, current[0], current[1], rows)
+            counts["shards_written"] += 1
+        elif shard is not None:
+            shard.abort()
+        shard = None
+
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+            for i in range(len(batch["clip_id"])):
+                clip, split, n = str(batch["clip_id"][i]), str(batch["split"][i]), int(batch["shard"][i])
+                bar.update(1)
+                if (split, n) != current:
+                    finish()
+                    current = (split, n)
+                    shard = ShardFile(storage.join(shards_dir, shard_name(split, n)), dtype)
+                if clip == last_clip:  # a clip listed twice in the corpus is encoded once
+                    continue
+                last_clip = clip
+                if batch["error"][i]:
+                    src = batch["source"][i]
+                    rejects.add(records.reject(clip, STAGE, str(batch["error"][i]), str(batch["detail"][i]),
+                                               None if src is None else str(src), str(batch["audio_uri"][i])))
+                    counts["rejected"] += 1
+                    continue
+                feats = {c[len("feat__"):]: batch[c][i] for c in feat_cols}
+                assert shard is not None
+                shard.add(clip, round(float(batch["seconds"][i]), 6), split, feats, enc_meta)
+                counts["encoded"] += 1
+                counts["encoded_seconds"] += float(batch["seconds"][i])
+        finish()
+    except BaseException:
+        if shard is not None:
+            shard.abort()  # never publish a half-written shard
+        rejects.flush()
+        raise
+    finally:
+        bar.close()
+    return counts
+
+
+def _storage_lines(infos: list[EncoderInfo], m: dict[str, Any], stats: dict[str, Any]) -> str:
+    lines = ["[features] storage math (before encoding):"]
+    for i in infos:
+        lines.append(f"  {i.name:<10} {i.model:<28} {len(i.layers)} layers x {i.width} x {m['dtype']} @ "
+                     f"{i.frame_rate:g} Hz = {_fmt_bytes(m['bytes_per_audio_hour_by_encoder'][i.name])} per audio-hour")
+    lines.append(f"  total {_fmt_bytes(m['bytes_per_audio_hour'])} per audio-hour; corpus "
+                 f"{m['audio_hours']:.3f} h -> projected {_fmt_bytes(m['projected_bytes'])} "
+                 f"(+ tar/json overhead: {_fmt_bytes(sum(stats['projected_bytes'].values()))} planned); "
+                 f"19K h would take {_fmt_bytes(m['bytes_per_audio_hour'] * 19000)}")
+    return "\n".join(lines)
+
+
+def _report(stage: str, infos: list[EncoderInfo], m: dict[str, Any], stats: dict[str, Any], counts: Counter[str],
+            skipped_shards: int, wall_s: float, cfg: RalmConfig) -> dict[str, Any]:
+    index = records.read_table(records.data_uri(stage), schema=INDEX_SCHEMA)
+    rejects = records.read_rejects(stage)
+    shard_bytes = index.group_by("shard").aggregate([("bytes", "sum")]) if index.num_rows else None
+    by_split = Counter(index.column("split").to_pylist()) if index.num_rows else Counter()
+    total_bytes = int(sum(index.column("bytes").to_pylist())) if index.num_rows else 0
+    enc_seconds = float(sum(index.column("duration_s").to_pylist())) if index.num_rows else 0.0
+    report = {
+        "stage": STAGE,
+        "corpus_clips": sum(stats["clips"].values()),
+        "corpus_seconds": sum(stats["seconds"].values()),
+        "clips_in_shards": index.num_rows,
+        "clips_by_split": dict(by_split),
+        "encoded_this_run": counts.get("encoded", 0),
+        "encoded_seconds_this_run": round(counts.get("encoded_seconds", 0.0), 3),
+        "shards": shard_bytes.num_rows if shard_bytes is not None else 0,
+        "shards_written_this_run": counts.get("shards_written", 0),
+        "shards_skipped_finished": skipped_shards,
+        "rejected": len(rejects),
+        "rejects_by_reason": dict(Counter(r["reason"] for r in rejects)),
+        "bytes": total_bytes,
+        "bytes_per_audio_hour_measured": total_bytes / (enc_seconds / 3600) if enc_seconds else None,
+        "storage": m,
+        "encoders": [i.to_dict() for i in infos],
+        "shards_uri": (cfg.shards.uri or storage.join(stage, "shards")),
+        "target_mb": cfg.shards.target_mb,
+        "wall_s": round(wall_s, 2),
+        "audio_seconds_per_s": round(counts.get("encoded_seconds", 0.0) / wall_s, 3) if wall_s else None,
+    }
+    storage.write_json(storage.join(stage, "report.json"), report)
+    md = ["# features report\n", f"- clips in shards: {report['clips_in_shards']} of {report['corpus_clips']} "
+          f"({report['corpus_seconds'] / 3600:.3f} h); by split: {json.dumps(report['clips_by_split'])}",
+          f"- shards: {report['shards']} ({report['shards_written_this_run']} written now, "
+          f"{skipped_shards} already finished), {_fmt_bytes(total_bytes)} at {report['shards_uri']}",
+          f"- rejected: {report['rejected']} {json.dumps(report['rejects_by_reason'])}",
+          f"- storage: {_fmt_bytes(m['bytes_per_audio_hour'])} per audio-hour ({m['dtype']}); measured "
+          f"{_fmt_bytes(report['bytes_per_audio_hour_measured'] or 0)} per audio-hour incl. tar overhead",
+          f"- wall time {report['wall_s']} s\n", "| encoder | model | layers | width | frame rate | per audio-hour |",
+          "|---|---|---|---|---|---|"]
+    md += [f"| {i.name} | {i.model} | {i.layers} | {i.width} | {i.frame_rate:g} | "
+           f"{_fmt_bytes(m['bytes_per_audio_hour_by_encoder'][i.name])} |" for i in infos]
+    storage.write_text(storage.join(stage, "report.md"), "\n".join(md) + "\n")
+    return report
