@@ -1,0 +1,239 @@
+"""Ray Serve deployment of an engine, with an OpenAI-compatible HTTP API and a handle API.
+
+    svc = start_llm_service(cfg)          # cfg: RalmConfig (or LLMConfig); starts Serve on cfg.llm.serve.host:port
+    svc.url                               # "http://127.0.0.1:8000/v1" -> openai.OpenAI(base_url=svc.url, api_key="x")
+    svc.handle.chat.remote({"messages": [...], "sampling": {...}, "n": 1})   # in-cluster callers -> list[dict]
+    stop_llm_service(cfg)                 # deletes the app (and Serve with shutdown=True)
+
+Replicas: fixed `serve.num_replicas` or `serve.autoscaling` (min/max replicas, target ongoing requests);
+`num_cpus`/`num_gpus` per replica. Each replica merges concurrent requests into one engine call
+(`serve.batch`), so vLLM batches them as if called directly; the HTTP route and the handle share it.
+Errors are per request: an over-long prompt is a 400 over HTTP and an error Completion over the handle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from ralm.llm.engines import ChatRequest, Completion, Sampling
+
+log = logging.getLogger(__name__)
+
+api = FastAPI(title="ralm LLM")
+
+
+def _text(content: Any) -> str:
+    """OpenAI content: a string or a list of parts; only text parts are meaningful to a text LLM."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return "" if content is None else str(content)
+
+
+def _openai_error(status: int, message: str, code: str, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "code": code}})
+
+
+@serve.deployment(name="LLMServer")
+@serve.ingress(api)
+class LLMServer:
+    """One engine per replica."""
+
+    def __init__(self, llm_cfg: dict, served_name: str) -> None:
+        from ralm.config import LLMConfig
+        from ralm.llm.engines import build_engine
+
+        self.cfg = LLMConfig.model_validate(llm_cfg)
+        self.served_name = served_name
+        self.engine = build_engine(self.cfg)
+        self._batched.set_max_batch_size(self.cfg.serve.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(self.cfg.serve.batch_wait_timeout_s)
+
+    def _run(self, reqs: list[ChatRequest]) -> list[list[Completion]]:
+        try:
+            return self.engine.chat_requests(reqs)
+        except Exception as e:  # isolate the bad request: rerun one by one
+            log.warning("batched engine call failed (%s); retrying requests one at a time", e)
+            out = []
+            for r in reqs:
+                try:
+                    out.append(self.engine.chat_requests([r])[0])
+                except Exception as e1:
+                    out.append([Completion.failed(f"engine_error: {type(e1).__name__}: {e1}") for _ in range(r.n)])
+            return out
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def _batched(self, reqs: list[ChatRequest]) -> list[list[Completion]]:
+        return await asyncio.to_thread(self._run, reqs)
+
+    # -------------------------------------------------------------------------------- handle API
+    async def chat(self, request: dict) -> list[dict]:
+        """{"messages", "sampling": {temperature, top_p, max_new_tokens, seed}, "n"} -> n Completion dicts."""
+        comps = await self._batched(ChatRequest.from_dict(request))
+        return [c.to_dict() for c in comps]
+
+    async def info(self) -> dict:
+        return {"model": self.served_name, "max_model_len": self.engine.max_model_len, "engine": self.engine.name}
+
+    async def count_tokens(self, messages: list[dict]) -> int:
+        return self.engine.count_tokens(messages)
+
+    async def nll(self, conversations: list[list[dict]], targets: list[str]) -> list[float]:
+        return await asyncio.to_thread(self.engine.nll, conversations, targets)
+
+    # -------------------------------------------------------------------------------- OpenAI HTTP API
+    @api.get("/v1/models")
+    async def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.served_name, "object": "model", "created": 0,
+                                            "owned_by": "ralm", "max_model_len": self.engine.max_model_len}]}
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Any:
+        try:
+            body = await request.json()
+            messages = [{"role": m["role"], "content": _text(m.get("content"))} for m in body["messages"]]
+            if not messages:
+                raise ValueError("messages is empty")
+            if body.get("stream"):
+                return _openai_error(400, "stream=true is not supported", "unsupported")
+            max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or self.cfg.max_model_len
+            sampling = Sampling(
+                temperature=float(body.get("temperature", 1.0) if body.get("temperature") is not None else 1.0),
+                top_p=float(body.get("top_p") if body.get("top_p") is not None else 1.0),
+                max_new_tokens=int(max_tokens),
+                seed=body.get("seed"),
+            )
+            n = int(body.get("n") or 1)
+            if n < 1 or sampling.max_new_tokens < 1:
+                raise ValueError("n and max_tokens must be >= 1")
+        except (KeyError, TypeError, ValueError) as e:
+            return _openai_error(400, f"malformed request: {e}", "invalid_request")
+        comps = await self._batched(ChatRequest(messages, sampling, n))
+        bad = next((c for c in comps if not c.ok), None)
+        if bad is not None:
+            code = bad.reason or "engine_error"
+            status = 400 if code in ("prompt_too_long", "bad_request") else 500
+            return _openai_error(status, bad.error or code, "context_length_exceeded" if code == "prompt_too_long"
+                                 else code, "invalid_request_error" if status == 400 else "server_error")
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.served_name,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
+                         "finish_reason": c.finish_reason, "logprobs": None} for i, c in enumerate(comps)],
+            "usage": {"prompt_tokens": comps[0].prompt_tokens,
+                      "completion_tokens": sum(c.completion_tokens for c in comps),
+                      "total_tokens": comps[0].prompt_tokens + sum(c.completion_tokens for c in comps)},
+        }
+
+
+# ---------------------------------------------------------------------------------------------- start / stop
+@dataclass
+class LLMService:
+    url: str  # OpenAI base URL, e.g. http://127.0.0.1:8000/v1
+    handle: Any  # DeploymentHandle of LLMServer
+    app_name: str
+
+
+def _llm_cfg(cfg: Any) -> Any:
+    return getattr(cfg, "llm", cfg)
+
+
+def deployment_options(llm_cfg: Any) -> dict[str, Any]:
+    """Serve options from config: replicas (fixed or autoscaling) and per-replica resources."""
+    s = llm_cfg.serve
+    from ralm.cluster import runtime_env_vars
+
+    opts: dict[str, Any] = {
+        "max_ongoing_requests": s.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus,
+                              "runtime_env": {"env_vars": runtime_env_vars()}},
+        "health_check_period_s": 10,
+    }
+    if s.autoscaling is not None:
+        a = s.autoscaling
+        opts["autoscaling_config"] = {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+                                      "initial_replicas": max(a.min_replicas, 1),
+                                      "target_ongoing_requests": a.target_ongoing_requests,
+                                      "upscale_delay_s": 5, "downscale_delay_s": 60}
+    else:
+        opts["num_replicas"] = s.num_replicas
+    return opts
+
+
+def build_app(cfg: Any) -> Any:
+    """The Serve application (for `serve.run` or a RayService config's import path)."""
+    llm_cfg = _llm_cfg(cfg)
+    return LLMServer.options(**deployment_options(llm_cfg)).bind(llm_cfg.model_dump(mode="json"),
+                                                                 llm_cfg.serve.app_name)
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """Serve application builder for a RayService / `serve run` config:
+    `import_path: ralm.llm.serve:app_builder` with `args: {config: configs/alarm-4b.yaml, overrides: [...]}`."""
+    from ralm.config import load_config
+
+    return build_app(load_config(args.get("config", "demo"), list(args.get("overrides") or [])))
+
+
+def start_llm_service(cfg: Any, wait_s: float = 600.0) -> LLMService:
+    """Start (or update) the LLM app on the connected Ray (init_ray first) and wait until it is running."""
+    import ray
+
+    from ralm.cluster import init_ray
+
+    if not ray.is_initialized():
+        init_ray(getattr(cfg, "ray", None))
+    llm_cfg = _llm_cfg(cfg)
+    s = llm_cfg.serve
+    # Resolve (and convert, once) the model on the driver so replicas don't race on the first conversion.
+    from ralm.llm.models import resolve_model
+
+    resolve_model(llm_cfg.model, allow_network=llm_cfg.allow_network)
+    serve.start(http_options={"host": s.host, "port": s.port})
+    handle = serve.run(build_app(cfg), name=s.app_name, route_prefix=s.route_prefix, blocking=False)
+    _wait_running(s.app_name, wait_s)
+    prefix = s.route_prefix.rstrip("/")
+    return LLMService(url=f"http://{s.host}:{s.port}{prefix}/v1", handle=handle, app_name=s.app_name)
+
+
+def _wait_running(app_name: str, wait_s: float) -> None:
+    from ray.serve.schema import ApplicationStatus
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        st = serve.status().applications.get(app_name)
+        if st is not None and st.status == ApplicationStatus.RUNNING:
+            return
+        if st is not None and st.status in (ApplicationStatus.DEPLOY_FAILED, ApplicationStatus.UNHEALTHY):
+            raise RuntimeError(f"LLM service {app_name!r} failed to start: {st.message}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"LLM service {app_name!r} not running after {wait_s:.0f} s")
+        time.sleep(0.5)
+
+
+def get_llm_handle(cfg: Any) -> Any:
+    """Handle of a running LLM app (in-cluster callers, e.g. Ray Data actors)."""
+    return serve.get_app_handle(_llm_cfg(cfg).serve.app_name)
+
+
+def stop_llm_service(cfg: Any | None = None, shutdown: bool = False) -> None:
+    """Delete the LLM app (all its replicas); `shutdown=True` also stops Serve's proxies/controller."""
+    name = _llm_cfg(cfg).serve.app_name if cfg is not None else "ralm-llm"
+    try:
+        serve.delete(name)
+    except Exception as e:  # already gone
+        log.debug("serve.delete(%s): %s", name, e)
+    if shutdown:
+        serve.shutdown()
