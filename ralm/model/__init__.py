@@ -1,0 +1,1 @@
+"""The audio-language model: frozen encoders' features -> trainable adapter/fusion -> frozen LLM."""

@@ -1,0 +1,1 @@
+"""Adapter training: WebDataset shards -> bucketed batches -> DeepSpeed engines inside Ray Train workers."""
