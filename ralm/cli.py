@@ -33,8 +33,23 @@ def build_parser() -> argparse.ArgumentParser:
     _common(corpus_sub.add_parser("build", help=STAGES["corpus"].help))
 
     for name, stage in STAGES.items():
-        if name != "corpus":
+        if name not in ("corpus", "eval"):
             _common(sub.add_parser(name, help=stage.help))
+
+    ev = sub.add_parser("eval", help=STAGES["eval"].help)
+    ev.add_argument("--benchmark", default=None, help="demo | mmau | mmsu | mmar (default: eval.benchmark)")
+    ev.add_argument("--data", default=None, help="benchmark file (MMAU json, MMSU/MMAR jsonl)")
+    ev.add_argument("--audio-root", default=None, help="folder the benchmark's audio paths are relative to")
+    _common(ev)
+
+    chat = sub.add_parser("chat", help="ask the trained ALM about one audio file")
+    chat.add_argument("--audio", default=None, help="wav/flac/ogg/mp3 file (omit for a text-only question)")
+    chat.add_argument("--max-new-tokens", type=int, default=None)
+    chat.add_argument("question", help="the question, in quotes")
+    _common(chat)
+
+    srv = sub.add_parser("serve", help="serve the trained ALM: OpenAI-compatible /v1/chat/completions")
+    _common(srv)
 
     run = sub.add_parser("run", help="every stage in order, skipping finished ones")
     _common(run)
@@ -86,6 +101,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "config":
         print(dump_config(cfg), end="")
         return 0
+    if args.command == "eval":
+        extra = [f"eval.{key}={getattr(args, key)}" for key in ("benchmark", "data", "audio_root")
+                 if getattr(args, key)]
+        if extra:
+            try:
+                cfg = load_config(args.config, [*args.overrides, *extra])
+            except ConfigError as e:
+                print(f"ralm: {e}", file=sys.stderr)
+                return 2
+    if args.command == "chat":
+        from ralm.eval.inference import chat_with_config
+
+        print(chat_with_config(cfg, args.audio, args.question, run_dir, args.max_new_tokens))
+        return 0
+    if args.command == "serve":
+        import time
+
+        from ralm.serve.alm_app import serve_alm
+
+        svc = serve_alm(cfg, run_dir)
+        print(f"serving the ALM at {svc.url} (OpenAI-compatible; Ctrl-C to stop)", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            return 0
     if args.command == "report":
         from ralm.report import write_report
 

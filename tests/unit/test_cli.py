@@ -1,0 +1,43 @@
+"""The CLI's argument conventions (no Ray)."""
+
+import pytest
+
+from ralm.cli import build_parser, main
+
+
+def test_every_stage_has_a_command():
+    from ralm.pipeline import STAGES
+
+    parser = build_parser()
+    for name in STAGES:
+        argv = ["corpus", "build"] if name == "corpus" else [name]
+        args = parser.parse_args([*argv, "--config", "demo"])
+        assert args.config == "demo"
+
+
+def test_overrides_after_options_are_kept(capsys):
+    assert main(["config", "--run-dir", "/tmp/x", "train.lr=0.5", "--config", "demo", "train.epochs=3"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.5" in out and "epochs: 3" in out
+
+
+def test_stray_arguments_are_refused(capsys):
+    assert main(["config", "not-an-override"]) == 2
+    assert "not key.path=value" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["config", "--run-dir", "x", "--bogus-flag"])
+
+
+def test_config_errors_exit_2(capsys):
+    assert main(["config", "train.nope=1"]) == 2
+    assert "train.nope: unknown key" in capsys.readouterr().err
+
+
+def test_unknown_stage_in_run(capsys):
+    assert main(["run", "--stages", "corpus,bogus"]) == 2
+    assert "bogus" in capsys.readouterr().err
+
+
+def test_missing_recipe_root_is_a_clear_error(tmp_path, capsys):
+    rc = main(["corpus", "build", "--run-dir", str(tmp_path), "corpus.recipes=[{name: esc50}]"])
+    assert rc == 1 and "needs a root folder" in capsys.readouterr().err
