@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -160,6 +161,9 @@ def deployment_options(llm_cfg: Any) -> dict[str, Any]:
         "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus,
                               "runtime_env": {"env_vars": runtime_env_vars()}},
         "health_check_period_s": 10,
+        # One access-log line per request drowns the stage's progress bar; RALM_VERBOSE=1 brings it back.
+        "logging_config": {"log_level": "INFO" if os.environ.get("RALM_VERBOSE") else "WARNING",
+                           "enable_access_log": bool(os.environ.get("RALM_VERBOSE"))},
     }
     if s.autoscaling is not None:
         a = s.autoscaling
