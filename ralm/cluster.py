@@ -87,3 +87,22 @@ def shutdown_ray() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+def wait_serve_app(app_name: str, wait_s: float, what: str = "Serve app") -> None:
+    """Block until a Serve application is RUNNING; a failed deploy or the deadline raises with the reason."""
+    import time
+
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        st = serve.status().applications.get(app_name)
+        if st is not None and st.status == ApplicationStatus.RUNNING:
+            return
+        if st is not None and st.status in (ApplicationStatus.DEPLOY_FAILED, ApplicationStatus.UNHEALTHY):
+            raise RuntimeError(f"{what} {app_name!r} failed to start: {st.message}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} {app_name!r} not running after {wait_s:.0f} s")
+        time.sleep(0.5)

@@ -213,18 +213,9 @@ def start_llm_service(cfg: Any, wait_s: float = 600.0) -> LLMService:
 
 
 def _wait_running(app_name: str, wait_s: float) -> None:
-    from ray.serve.schema import ApplicationStatus
+    from ralm.cluster import wait_serve_app
 
-    deadline = time.monotonic() + wait_s
-    while True:
-        st = serve.status().applications.get(app_name)
-        if st is not None and st.status == ApplicationStatus.RUNNING:
-            return
-        if st is not None and st.status in (ApplicationStatus.DEPLOY_FAILED, ApplicationStatus.UNHEALTHY):
-            raise RuntimeError(f"LLM service {app_name!r} failed to start: {st.message}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"LLM service {app_name!r} not running after {wait_s:.0f} s")
-        time.sleep(0.5)
+    wait_serve_app(app_name, wait_s, "LLM service")
 
 
 def get_llm_handle(cfg: Any) -> Any:

@@ -280,18 +280,9 @@ def _proxy_address(host: str, port: int) -> tuple[str, int]:
 
 
 def _wait_running(app_name: str, wait_s: float) -> None:
-    from ray.serve.schema import ApplicationStatus
+    from ralm.cluster import wait_serve_app
 
-    deadline = time.monotonic() + wait_s
-    while True:
-        st = serve.status().applications.get(app_name)
-        if st is not None and st.status == ApplicationStatus.RUNNING:
-            return
-        if st is not None and st.status in (ApplicationStatus.DEPLOY_FAILED, ApplicationStatus.UNHEALTHY):
-            raise RuntimeError(f"ALM service {app_name!r} failed to start: {st.message}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"ALM service {app_name!r} not running after {wait_s:.0f} s")
-        time.sleep(0.5)
+    wait_serve_app(app_name, wait_s, "ALM service")
 
 
 def stop_alm(svc: ALMService | str = APP_NAME, shutdown: bool = False) -> None:
