@@ -80,9 +80,11 @@ def _plots(data: dict[str, Any], out_dir: str) -> dict[str, str]:
 
     reph = st.get("rephrase", {}).get("report", {})
     if "leak_rate_generated_same_records" in reph:
-        fig, ax = plt.subplots(figsize=(4.5, 3.2))
-        vals = [reph["leak_rate_generated_same_records"] or 0, reph["leak_rate_rephrased_same_records"] or 0]
-        ax.bar(["self-generated", "rephrased"], [100 * v for v in vals], color=["tab:orange", "tab:green"])
+        fig, ax = plt.subplots(figsize=(5.5, 3.2))
+        vals = [reph.get("leak_rate_generate_dataset") or 0, reph["leak_rate_generated_same_records"] or 0,
+                reph["leak_rate_rephrased_same_records"] or 0]
+        ax.bar(["all self-generated", "survivors before", "survivors after"], [100 * v for v in vals],
+               color=["tab:red", "tab:orange", "tab:green"])
         ax.set_ylabel("% of targets with a text leak")
         ax.set_title("Leak rate before / after rephrasing")
         save(fig, "leak_rate.png")
@@ -162,7 +164,8 @@ def render(data: dict[str, Any], images: dict[str, str]) -> str:
         if reph:
             lr, er = reph.get("length_ratio") or {}, reph.get("word_edit_ratio") or {}
             nll = reph.get("nll") or {}
-            out += [f"- leak rate on the same records: self-generated {_pct(reph.get('leak_rate_generated_same_records'))}"
+            out += [f"- leak rate: {_pct(reph.get('leak_rate_generate_dataset'))} of all self-generated targets; on the "
+                    f"records that survived rephrasing, self-generated {_pct(reph.get('leak_rate_generated_same_records'))}"
                     f" -> rephrased {_pct(reph.get('leak_rate_rephrased_same_records'))}",
                     f"- rephrased/original length ratio: mean {lr.get('mean', '—')}; word edit ratio: mean "
                     f"{er.get('mean', '—')}",
