@@ -106,3 +106,15 @@ def wait_serve_app(app_name: str, wait_s: float, what: str = "Serve app") -> Non
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} {app_name!r} not running after {wait_s:.0f} s")
         time.sleep(0.5)
+
+
+def delete_serve_app(app_name: str, shutdown: bool = False) -> None:
+    """Delete a Serve application (all its replicas) if it exists; `shutdown` also stops Serve itself."""
+    from ray import serve
+
+    try:
+        serve.delete(app_name)
+    except Exception as e:  # already gone
+        log.debug("serve.delete(%s): %s", app_name, e)
+    if shutdown:
+        serve.shutdown()

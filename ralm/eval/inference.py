@@ -29,6 +29,7 @@ import torch
 
 from ralm.audio.io import AudioError, resample
 from ralm.config import EncoderSpec
+from ralm.llm.engines import cut_at_eos
 
 AudioInput = str | tuple[np.ndarray, int] | None
 DEFAULT_GLUE = "This is what you hear, pass {i} of {n}:"
@@ -135,16 +136,13 @@ class TransformersBackend(Backend):
         out = llm.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=self.eos_ids,
                            pad_token_id=self.pad_id, **kw)
         new = out[0, n_prompt:] if "input_ids" in inputs else out[0]
-        toks, finish = [], "length"
-        for t in new.tolist():
-            if t in self.eos_ids:
-                finish = "stop"
-                break
-            toks.append(t)
+        return self._generation(new.tolist(), n_prompt, max_new_tokens)
+
+    def _generation(self, row: Sequence[int], n_prompt: int, max_new_tokens: int) -> Generation:
+        toks, finish = cut_at_eos(row, self.eos_ids)
         if finish == "length" and len(toks) < max_new_tokens:
-            finish = "stop"
-        text = self.alm.tokenizer.decode(toks, skip_special_tokens=True)
-        return Generation(text, n_prompt, len(toks), finish)
+            finish = "stop"  # generation ended early without an EOS id in the output (e.g. a stop string)
+        return Generation(self.alm.tokenizer.decode(toks, skip_special_tokens=True), n_prompt, len(toks), finish)
 
     @torch.no_grad()
     def _batch(self, prompts: Sequence[dict[str, Any]], max_new_tokens: int) -> list[Generation]:
@@ -160,19 +158,7 @@ class TransformersBackend(Backend):
             mask[i, width - e.shape[0]:] = 1
         out = llm.generate(inputs_embeds=x, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                            temperature=None, top_p=None, top_k=None, eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
-        result = []
-        for e, row in zip(embs, out.tolist(), strict=True):
-            toks, finish = [], "length"
-            for t in row:
-                if t in self.eos_ids:
-                    finish = "stop"
-                    break
-                toks.append(t)
-            if finish == "length" and len(toks) < max_new_tokens:
-                finish = "stop"
-            result.append(Generation(self.alm.tokenizer.decode(toks, skip_special_tokens=True), e.shape[0],
-                                     len(toks), finish))
-        return result
+        return [self._generation(row, e.shape[0], max_new_tokens) for e, row in zip(embs, out.tolist(), strict=True)]
 
     def generate(self, prompts: Sequence[dict[str, Any]], max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = 0) -> list[Generation]:

@@ -226,9 +226,6 @@ def get_llm_handle(cfg: Any) -> Any:
 def stop_llm_service(cfg: Any | None = None, shutdown: bool = False) -> None:
     """Delete the LLM app (all its replicas); `shutdown=True` also stops Serve's proxies/controller."""
     name = _llm_cfg(cfg).serve.app_name if cfg is not None else "ralm-llm"
-    try:
-        serve.delete(name)
-    except Exception as e:  # already gone
-        log.debug("serve.delete(%s): %s", name, e)
-    if shutdown:
-        serve.shutdown()
+    from ralm.cluster import delete_serve_app
+
+    delete_serve_app(name, shutdown)

@@ -287,9 +287,6 @@ def _wait_running(app_name: str, wait_s: float) -> None:
 
 def stop_alm(svc: ALMService | str = APP_NAME, shutdown: bool = False) -> None:
     name = svc.app_name if isinstance(svc, ALMService) else svc
-    try:
-        serve.delete(name)
-    except Exception as e:  # already gone
-        log.debug("serve.delete(%s): %s", name, e)
-    if shutdown:
-        serve.shutdown()
+    from ralm.cluster import delete_serve_app
+
+    delete_serve_app(name, shutdown)

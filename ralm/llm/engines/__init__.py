@@ -263,6 +263,16 @@ class Engine:
 ENGINES: dict[str, type[Engine]] = {}
 
 
+def cut_at_eos(tokens: Sequence[int], eos_ids: Any) -> tuple[list[int], str]:
+    """Generated token ids up to the first end-of-sequence id, and "stop" if one was met, else "length"."""
+    out: list[int] = []
+    for t in tokens:
+        if t in eos_ids:
+            return out, "stop"
+        out.append(t)
+    return out, "length"
+
+
 def register(name: str) -> Callable[[type[Engine]], type[Engine]]:
     def deco(cls: type[Engine]) -> type[Engine]:
         cls.name = name

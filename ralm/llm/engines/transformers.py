@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ralm.llm.engines import Engine, GenOutput, GenRequest, register
+from ralm.llm.engines import Engine, GenOutput, GenRequest, cut_at_eos, register
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -54,12 +54,7 @@ class TransformersEngine(Engine):
         rows = out[:, ids.shape[1]:].tolist()
         results = []
         for row in rows if sample else rows * r.n:
-            toks, finish = [], "length"
-            for t in row:
-                if t in self.eos_ids:
-                    finish = "stop"
-                    break
-                toks.append(t)
+            toks, finish = cut_at_eos(row, self.eos_ids)
             results.append(GenOutput(toks, self.tokenizer.decode(toks, skip_special_tokens=True), finish))
         return results
 
