@@ -6,9 +6,11 @@
     stop_llm_service(cfg)                 # deletes the app (and Serve with shutdown=True)
 
 Replicas: fixed `serve.num_replicas` or `serve.autoscaling` (min/max replicas, target ongoing requests);
-`num_cpus`/`num_gpus` per replica. Each replica merges concurrent requests into one engine call
-(`serve.batch`), so vLLM batches them as if called directly; the HTTP route and the handle share it.
-Errors are per request: an over-long prompt is a 400 over HTTP and an error Completion over the handle.
+`num_cpus`/`num_gpus` per replica. A replica awaits each request on its own (`engine.achat_requests`): the
+vLLM engine batches continuously, so a request joins the running batch at the engine's next step instead of
+waiting for a micro-batch to finish; the HTTP route and the handle share it. Errors are per request: an
+over-long prompt is a 400 over HTTP and an error Completion over the handle; a dead engine fails the
+replica's health check, and Serve replaces the replica.
 """
 
 from __future__ import annotations
@@ -57,30 +59,23 @@ class LLMServer:
         self.cfg = LLMConfig.model_validate(llm_cfg)
         self.served_name = served_name
         self.engine = build_engine(self.cfg)
-        self._batched.set_max_batch_size(self.cfg.serve.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(self.cfg.serve.batch_wait_timeout_s)
 
-    def _run(self, reqs: list[ChatRequest]) -> list[list[Completion]]:
+    async def _answer(self, req: ChatRequest) -> list[Completion]:
+        """One request, awaited alone: the engine batches concurrent ones (vLLM: continuous batching)."""
         try:
-            return self.engine.chat_requests(reqs)
-        except Exception as e:  # isolate the bad request: rerun one by one
-            log.warning("batched engine call failed (%s); retrying requests one at a time", e)
-            out = []
-            for r in reqs:
-                try:
-                    out.append(self.engine.chat_requests([r])[0])
-                except Exception as e1:
-                    out.append([Completion.failed(f"engine_error: {type(e1).__name__}: {e1}") for _ in range(r.n)])
-            return out
+            return (await self.engine.achat_requests([req]))[0]
+        except Exception as e:  # noqa: BLE001 - engines report per-request errors; this is a last resort
+            log.warning("engine call failed: %s", e)
+            return [Completion.failed(f"engine_error: {type(e).__name__}: {e}") for _ in range(req.n)]
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def _batched(self, reqs: list[ChatRequest]) -> list[list[Completion]]:
-        return await asyncio.to_thread(self._run, reqs)
+    def check_health(self) -> None:
+        """Serve's periodic health check: a replica whose engine died is restarted, not kept."""
+        self.engine.check_health()
 
     # -------------------------------------------------------------------------------- handle API
     async def chat(self, request: dict) -> list[dict]:
         """{"messages", "sampling": {temperature, top_p, max_new_tokens, seed}, "n"} -> n Completion dicts."""
-        comps = await self._batched(ChatRequest.from_dict(request))
+        comps = await self._answer(ChatRequest.from_dict(request))
         return [c.to_dict() for c in comps]
 
     async def info(self) -> dict:
@@ -119,7 +114,7 @@ class LLMServer:
                 raise ValueError("n and max_tokens must be >= 1")
         except (KeyError, TypeError, ValueError) as e:
             return _openai_error(400, f"malformed request: {e}", "invalid_request")
-        comps = await self._batched(ChatRequest(messages, sampling, n))
+        comps = await self._answer(ChatRequest(messages, sampling, n))
         bad = next((c for c in comps if not c.ok), None)
         if bad is not None:
             code = bad.reason or "engine_error"

@@ -76,3 +76,45 @@ def test_vllm_thinking_budget(vllm_engine):
     finally:
         tok.chat_template, vllm_engine.thinking = saved_tpl, saved_think
     assert c.ok and c.forced_close and " Enough.</think>" in c.text and c.completion_tokens <= 24
+
+
+def test_requests_join_a_running_batch(vllm_engine, monkeypatch):
+    """Continuous batching: a short request submitted while a long one is being decoded finishes first,
+    through the coroutine API a Serve replica awaits per request (no batch lock, no micro-batch)."""
+    import asyncio
+    import time
+
+    from ralm.llm.engines import ChatRequest, Sampling
+    from ralm.llm.engines.vllm import VLLMEngine
+
+    # ignore_eos: the long request really runs to max_tokens, whatever the random model samples.
+    monkeypatch.setattr(vllm_engine, "_params", lambda r: VLLMEngine._params(vllm_engine, r, ignore_eos=True))
+    room = vllm_engine.max_model_len - vllm_engine.count_tokens(CONV)
+    done: dict[str, tuple[float, object]] = {}
+
+    async def one(name: str, max_new: int) -> None:
+        out = await vllm_engine.achat_requests([ChatRequest(CONV, Sampling(0.0, 1.0, max_new, 0))])
+        done[name] = (time.perf_counter(), out[0][0])
+
+    async def main() -> None:
+        long = asyncio.create_task(one("long", room))
+        while not vllm_engine._loop._running:  # the long request is in the running batch
+            await asyncio.sleep(0.001)
+        await one("short", 2)
+        assert "long" not in done  # served while the long one still runs
+        await long
+
+    asyncio.run(main())
+    assert done["long"][1].completion_tokens == room > 50 and done["short"][1].completion_tokens == 2
+    assert done["short"][0] < done["long"][0]
+    # The blocking API shares the loop: two threads' requests run side by side, the short one first.
+    import threading
+
+    t = threading.Thread(target=lambda: done.update(long2=(0.0, vllm_engine.chat([CONV], Sampling(0.0, 1.0, room)))))
+    t.start()
+    while not vllm_engine._loop._running:
+        time.sleep(0.001)
+    assert vllm_engine.chat([CONV], Sampling(0.0, 1.0, 2))[0][0].completion_tokens == 2
+    assert t.is_alive()
+    t.join(120)
+    assert done["long2"][1][0][0].completion_tokens == room

@@ -191,3 +191,122 @@ def test_resolve_model_refuses_hub_ids(tmp_path: Path):
 def test_unknown_engine_is_a_clear_error(tiny: str):
     with pytest.raises(Exception, match="engine"):
         build_engine(LLMConfig.model_validate({"model": tiny, "engine": "nope"}))
+
+
+# ---------------------------------------------------------------------------------------------- vLLM step loop
+class _FakeVLLM:
+    """Stands in for vllm.LLM: `llm_engine` finishes request r after `params` steps (an int), raises on
+    params "bad", and crashes at step `crash_at`."""
+
+    def __init__(self, crash_at: int | None = None) -> None:
+        self.llm_engine = self
+        self.left: dict[str, int] = {}
+        self.steps, self.crash_at, self.aborted = 0, crash_at, []
+
+    def add_request(self, rid, prompt, params):
+        if params == "bad":
+            raise ValueError("bad params")
+        assert prompt == {"prompt_token_ids": [1, 2]}
+        self.left[rid] = params
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.left)
+
+    def abort_request(self, ids):
+        self.aborted += ids
+        for i in ids:
+            self.left.pop(i, None)
+
+    def step(self):
+        import time
+        from types import SimpleNamespace
+
+        self.steps += 1
+        if self.steps == self.crash_at:
+            raise RuntimeError("boom")
+        time.sleep(0.002)
+        out = []
+        for rid in list(self.left):
+            self.left[rid] -= 1
+            out.append(SimpleNamespace(request_id=rid, finished=self.left[rid] == 0))
+            if self.left[rid] == 0:
+                del self.left[rid]
+        return out
+
+
+def test_step_loop_joins_running_batch_and_isolates_errors():
+    from concurrent.futures import CancelledError
+
+    from ralm.llm.engines.vllm import EngineDied, _StepLoop
+
+    fake = _FakeVLLM()
+    loop = _StepLoop(fake)
+    try:
+        long = loop.submit([1, 2], 400)
+        while not fake.left:
+            pass
+        short, bad = loop.submit([1, 2], 3), loop.submit([1, 2], "bad")
+        assert short.result(timeout=10).request_id == short.request_id
+        assert isinstance(bad.exception(timeout=10), ValueError)  # that request alone
+        assert not long.done()  # the short one joined the running batch and finished first
+        assert long.result(timeout=30).finished
+        # A cancelled caller's request is aborted in the engine.
+        gone = loop.submit([1, 2], 10_000)
+        while gone.request_id not in fake.left:
+            pass
+        loop.abort([gone])
+        with pytest.raises(CancelledError):
+            gone.result(timeout=10)
+        assert fake.aborted == [gone.request_id]
+    finally:
+        loop.close()
+    assert isinstance(loop.submit([1, 2], 1).exception(timeout=1), EngineDied)  # closed: fails at once
+
+
+def test_step_loop_crash_fails_pending_and_later_requests():
+    from ralm.llm.engines.vllm import EngineDied, _StepLoop
+
+    loop = _StepLoop(_FakeVLLM(crash_at=5))
+    pending = [loop.submit([1, 2], 100) for _ in range(3)]
+    for f in pending:  # an error, not a hang
+        assert isinstance(f.exception(timeout=10), EngineDied) and "boom" in str(f.exception())
+    assert isinstance(loop.submit([1, 2], 1).exception(timeout=1), EngineDied)
+    assert isinstance(loop.error, RuntimeError)
+
+
+def test_step_loop_close_fails_requests_queued_behind_it():
+    """Requests drained in the same batch as `close()`'s stop message are failed too, never left waiting."""
+    from ralm.llm.engines.vllm import EngineDied, _StepLoop
+
+    fake = _FakeVLLM()
+    loop = _StepLoop(fake, gather_s=0.2)  # the idle loop gathers: stop and the adds behind it come together
+    first = loop.submit([1, 2], 1)
+    loop.close(timeout_s=0)
+    late = [loop.submit([1, 2], 1) for _ in range(3)]
+    loop._thread.join(10)
+    assert not loop._thread.is_alive()
+    for f in [first, *late]:
+        assert f.exception(timeout=5) is None or isinstance(f.exception(), EngineDied)
+    assert all(isinstance(f.exception(), EngineDied) for f in late)
+
+
+def test_backend_error_fails_only_its_request(engine, monkeypatch):
+    """A backend may return an exception in place of one request's outputs: that request alone becomes
+    engine_error Completions, on the blocking and the coroutine path."""
+    import asyncio
+
+    from ralm.llm.engines import ChatRequest
+
+    real = engine._generate
+
+    def gen(reqs):
+        outs = real(reqs)
+        outs[1] = RuntimeError("kaput")
+        return outs
+
+    monkeypatch.setattr(engine, "_generate", gen)
+    out = engine.chat([CONV, CONV, CONV], GREEDY, n=2)
+    assert out[0][0].ok and out[2][1].ok
+    assert [c.reason for c in out[1]] == ["engine_error"] * 2 and "RuntimeError: kaput" in out[1][0].error
+    out = asyncio.run(engine.achat_requests([ChatRequest(CONV, Sampling.of(GREEDY), 1)] * 3))
+    assert out[0][0].ok and out[1][0].reason == "engine_error" and out[2][0].ok

@@ -9,11 +9,14 @@
 Everything a backend does not have to know lives here: chat-template rendering, the context-limit check
 (an over-long prompt becomes an error Completion, never an exception that kills the batch), `ask_to_think`,
 and the thinking budget (two-phase generation, see `thinking.py`). Backends implement two primitives on
-token ids: `_generate(requests)` and `_prompt_logprobs(sequences)`.
+token ids: `_generate(requests)` and `_prompt_logprobs(sequences)`; a backend with its own scheduler
+(vLLM: continuous batching) also overrides `_agenerate`, so that `await engine.achat_requests([req])` from
+many concurrent callers (a Serve replica: one per request) joins one running batch.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -139,7 +142,8 @@ class Engine:
         self._tok_lock = threading.RLock()
 
     # -------------------------------------------------------------------------------- backend primitives
-    def _generate(self, requests: Sequence[GenRequest]) -> list[list[GenOutput]]:
+    def _generate(self, requests: Sequence[GenRequest]) -> list[list[GenOutput] | BaseException]:
+        """Per request its n outputs, or the exception that failed that request alone."""
         raise NotImplementedError
 
     def _prompt_logprobs(self, sequences: Sequence[list[int]], start: Sequence[int]) -> list[list[float]]:
@@ -174,7 +178,32 @@ class Engine:
         return self.chat_requests([ChatRequest(list(c), s, n) for c in conversations])
 
     def chat_requests(self, requests: Sequence[ChatRequest]) -> list[list[Completion]]:
-        """Answer requests with possibly different sampling (what a Serve replica batches)."""
+        """Answer requests with possibly different sampling, blocking."""
+        results, plans, phase1 = self._plan(requests)
+        if phase1:
+            cont, where = self._finish(requests, plans, self._generate(phase1), results)
+            if cont:
+                self._merge(results, where, self._generate(cont))
+        return [r if r is not None else [] for r in results]
+
+    async def achat_requests(self, requests: Sequence[ChatRequest]) -> list[list[Completion]]:
+        """`chat_requests` for an event loop (a Serve replica): the same steps, awaiting `_agenerate`."""
+        results, plans, phase1 = self._plan(requests)
+        if phase1:
+            cont, where = self._finish(requests, plans, await self._agenerate(phase1), results)
+            if cont:
+                self._merge(results, where, await self._agenerate(cont))
+        return [r if r is not None else [] for r in results]
+
+    async def _agenerate(self, requests: Sequence[GenRequest]) -> list[list[GenOutput] | BaseException]:
+        """Backends without their own scheduler run `_generate` on a worker thread (they serialise calls)."""
+        return await asyncio.to_thread(self._generate, requests)
+
+    def check_health(self) -> None:
+        """Raise if the engine can no longer serve (a Serve replica's health check calls this)."""
+
+    def _plan(self, requests: Sequence[ChatRequest]):
+        """Render, check the context limit, and build phase 1 (the thinking budget caps it)."""
         results: list[list[Completion] | None] = [None] * len(requests)
         plans: list[tuple[int, list[int], int, bool]] = []  # (request index, prompt ids, max_new, two-phase)
         phase1: list[GenRequest] = []
@@ -195,18 +224,20 @@ class Engine:
             s = req.sampling
             plans.append((i, ids, max_new, two_phase))
             phase1.append(GenRequest(ids, budget if two_phase else max_new, s.temperature, s.top_p, s.seed, req.n))
-        if phase1:
-            outs1 = self._generate(phase1)
-            self._finish(requests, plans, outs1, results)
-        return [r if r is not None else [] for r in results]
+        return results, plans, phase1
 
-    def _finish(self, requests, plans, outs1, results) -> None:
-        """Phase 2 of the thinking budget: force-close open thoughts, then continue to the answer."""
+    def _finish(self, requests, plans, outs1, results) -> tuple[list[GenRequest], list[tuple[int, int, str, int]]]:
+        """Completions from phase 1; for the thinking budget, the phase-2 requests: force-close open
+        thoughts, then continue to the answer. A backend may put an exception in place of a request's
+        outputs: that request alone becomes `engine_error` Completions."""
         cfg = self.thinking
         cont: list[GenRequest] = []
         where: list[tuple[int, int, str, int]] = []  # (request idx, sample idx, injected text, injected tokens)
         for (i, ids, max_new, two_phase), outs in zip(plans, outs1, strict=True):
             s = requests[i].sampling
+            if isinstance(outs, BaseException):
+                results[i] = [Completion.failed(_engine_error(outs), len(ids)) for _ in range(requests[i].n)]
+                continue
             comps = [Completion(o.text, len(ids), len(o.token_ids), o.finish_reason) for o in outs]
             results[i] = comps
             if not two_phase:
@@ -230,10 +261,17 @@ class Engine:
                 seed = None if s.seed is None else s.seed + 1000 + j  # distinct continuation per sample
                 cont.append(GenRequest(ids + list(o.token_ids) + inject_ids, left, s.temperature, s.top_p, seed, 1))
                 where.append((i, j, inject, len(inject_ids)))
-        if not cont:
-            return
-        for (i, j, _, _), outs in zip(where, self._generate(cont), strict=True):
-            c, o = results[i][j], outs[0]
+        return cont, where
+
+    @staticmethod
+    def _merge(results, where, outs2) -> None:
+        """Append each phase-2 continuation to its sample."""
+        for (i, j, _, _), outs in zip(where, outs2, strict=True):
+            c = results[i][j]
+            if isinstance(outs, BaseException):
+                c.finish_reason, c.error = "error", _engine_error(outs)
+                continue
+            o = outs[0]
             c.text += o.text
             c.completion_tokens += len(o.token_ids)
             c.finish_reason = o.finish_reason
@@ -261,6 +299,10 @@ class Engine:
 
 # ---------------------------------------------------------------------------------------------- registry
 ENGINES: dict[str, type[Engine]] = {}
+
+
+def _engine_error(e: BaseException) -> str:
+    return f"engine_error: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
 
 
 def cut_at_eos(tokens: Sequence[int], eos_ids: Any) -> tuple[list[int], str]:

@@ -4,16 +4,31 @@ On CPU: eager mode (no graph capture: faster start), a KV cache sized by `cpu_kv
 `kv_cache_memory_bytes`, which is what VLLM_CPU_KVCACHE_SPACE sets, but fractions of a GiB work), and
 the engine core kept in-process (one process per replica instead of two). Prefix caching on: every
 request of a stage shares its system prompt and few-shot examples.
+
+Continuous batching: one thread per engine (`_StepLoop`) owns vLLM's `LLMEngine` and loops
+`add_request` / `step()`; every caller (a thread, or a coroutine through `_agenerate`) submits its own
+requests and waits for their futures, so a request submitted while others run joins the batch at the next
+step instead of waiting for the batch to finish. (vLLM's AsyncLLM would do the same but needs the engine
+core in a second process; `LLMEngine` works in-process on CPU and with its core process on GPU.) Errors
+are per request; if the loop itself dies, every pending and later request fails with `EngineDied`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import logging
 import os
+import queue
 import threading
+import time
 from collections.abc import Sequence
+from concurrent.futures import CancelledError, Future, InvalidStateError
 from typing import Any
 
 from ralm.llm.engines import Engine, GenOutput, GenRequest, register
+
+log = logging.getLogger(__name__)
 
 _GIB = 1 << 30
 
@@ -25,6 +40,123 @@ def _on_gpu() -> bool:
         return torch.cuda.is_available()
     except Exception:  # pragma: no cover
         return False
+
+
+class EngineDied(RuntimeError):
+    """The engine's step loop has stopped (a crash, or `close()`): it serves nothing any more."""
+
+
+class _StepLoop:
+    """The one thread that touches `llm.llm_engine` (it is not thread-safe): it adds the requests callers
+    submit, aborts the ones they give up on, and calls `step()` while any is unfinished; it blocks when
+    idle. `submit` returns a Future resolved with the request's final RequestOutput, or with the exception
+    that failed that request alone (e.g. vLLM rejecting its parameters). An idle loop woken by a request
+    waits `gather_s` for the rest of a burst (a batch client sends many at once) so that they share their
+    first step; later arrivals join between steps without waiting."""
+
+    def __init__(self, llm: Any, gather_s: float = 0.0, name: str = "ralm-vllm-steps") -> None:
+        self._gather_s = gather_s
+        self._engine = llm.llm_engine
+        # LLM.generate turns a TokensPrompt into an engine input first; older/newer vLLMs without the
+        # helper take the raw prompt in add_request.
+        self._prepare = getattr(llm, "_preprocess_cmpl_one", None)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._running: dict[str, Future] = {}  # request id -> future; touched by the loop thread only
+        self._ids = itertools.count()
+        self._lock = threading.Lock()  # orders submit against the loop's death (nothing is left waiting)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # -------------------------------------------------------------------------------- callers
+    def submit(self, prompt_ids: list[int], params: Any) -> Future:
+        fut: Future = Future()
+        fut.request_id = rid = f"ralm-{next(self._ids)}"  # type: ignore[attr-defined]
+        with self._lock:
+            if self.error is not None:
+                fut.set_exception(EngineDied(f"the vLLM engine loop has stopped: {self.error!r}"))
+            else:
+                self._inbox.put(("add", rid, prompt_ids, params, fut))
+        return fut
+
+    def abort(self, futures: Sequence[Future]) -> None:
+        """Give up on requests (their caller was cancelled): vLLM stops computing them."""
+        for f in futures:
+            if not f.done():
+                self._inbox.put(("abort", f.request_id, None, None, None))  # type: ignore[attr-defined]
+
+    def close(self, timeout_s: float = 60.0) -> None:
+        self._inbox.put(("stop", None, None, None, None))
+        self._thread.join(timeout_s)
+
+    # -------------------------------------------------------------------------------- loop thread
+    def _run(self) -> None:
+        msgs: list[tuple] = []
+        try:
+            while True:
+                msgs = []
+                if not self._running and not self._engine.has_unfinished_requests():
+                    msgs.append(self._inbox.get())  # idle: sleep until there is work
+                    if self._gather_s > 0:
+                        time.sleep(self._gather_s)
+                while True:  # everything that arrived during the last step joins the next one
+                    try:
+                        msgs.append(self._inbox.get_nowait())
+                    except queue.Empty:
+                        break
+                for msg in msgs:
+                    self._handle(*msg)
+                if self._engine.has_unfinished_requests():
+                    for out in self._engine.step():
+                        if out.finished:
+                            fut = self._running.pop(out.request_id, None)
+                            if fut is not None:
+                                fut.set_result(out)
+        except BaseException as e:  # noqa: BLE001 - every waiter must hear of it, then the thread ends
+            if not isinstance(e, EngineDied):
+                log.exception("vLLM engine loop crashed; failing all pending requests")
+            with self._lock:  # after this, submit fails at once: nothing more reaches the inbox
+                self.error = e
+                waiting = list(self._running.values()) + [m[4] for m in msgs if m[0] == "add"]
+                while True:
+                    try:
+                        msg = self._inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    if msg[0] == "add":
+                        waiting.append(msg[4])
+            err = e if isinstance(e, EngineDied) else EngineDied(f"the vLLM engine loop crashed: {e!r}")
+            for fut in waiting:
+                if not fut.done():
+                    try:
+                        fut.set_exception(err)
+                    except InvalidStateError:  # its caller cancelled it meanwhile
+                        pass
+        finally:
+            self._running.clear()
+            self._engine = self._prepare = None  # let close() free the model
+
+    def _handle(self, kind: str, rid: str, prompt_ids: Any, params: Any, fut: Future | None) -> None:
+        if kind == "stop":
+            raise EngineDied("the vLLM engine was closed")
+        if kind == "abort":
+            fut = self._running.pop(rid, None)
+            if fut is not None:
+                self._engine.abort_request([rid])
+                fut.set_exception(CancelledError(f"request {rid} aborted"))  # nobody waits for it any more
+            return
+        assert fut is not None
+        if not fut.set_running_or_notify_cancel():  # cancelled before it got here
+            return
+        try:
+            prompt: Any = {"prompt_token_ids": list(prompt_ids)}  # a vllm.inputs.TokensPrompt
+            if self._prepare is not None:
+                prompt = self._prepare(prompt)
+            self._engine.add_request(rid, prompt, params)
+        except Exception as e:  # noqa: BLE001 - this request alone is refused
+            fut.set_exception(e)
+            return
+        self._running[rid] = fut
 
 
 @register("vllm")
@@ -58,42 +190,62 @@ class VLLMEngine(Engine):
         # Our own HF tokenizer renders prompts (same code as the transformers engine); vLLM gets token ids.
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
-        self._lock = threading.Lock()  # LLM.generate is not re-entrant; Serve calls from threads
+        # serve.batch_wait_timeout_s: how long an idle engine lets a burst of requests gather before it steps.
+        serve_cfg = getattr(llm_cfg, "serve", None)
+        self._loop = _StepLoop(self.llm, gather_s=float(getattr(serve_cfg, "batch_wait_timeout_s", 0.0) or 0.0))
 
     def _params(self, r: GenRequest, **extra: Any) -> Any:
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         return SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p if r.temperature > 0 else 1.0,
-                              max_tokens=r.max_tokens, seed=r.seed, **extra)
+                              max_tokens=r.max_tokens, seed=r.seed, output_kind=RequestOutputKind.FINAL_ONLY,
+                              **extra)
 
-    def _generate(self, requests: Sequence[GenRequest]) -> list[list[GenOutput]]:
-        from vllm.inputs import TokensPrompt
+    def _submit(self, requests: Sequence[GenRequest]) -> list[Future]:
+        return [self._loop.submit(r.prompt_ids, self._params(r)) for r in requests]
 
-        prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_ids)) for r in requests]
-        with self._lock:
-            outs = self.llm.generate(prompts, [self._params(r) for r in requests], use_tqdm=False)
-        return [
-            [GenOutput(list(c.token_ids), c.text, "stop" if c.finish_reason == "stop" else "length")
-             for c in sorted(o.outputs, key=lambda c: c.index)]
-            for o in outs
-        ]
+    @staticmethod
+    def _outputs(fut: Future) -> list[GenOutput] | BaseException:
+        err = fut.exception()  # blocks until the request finished
+        if err is not None:
+            return err
+        return [GenOutput(list(c.token_ids), c.text, "stop" if c.finish_reason == "stop" else "length")
+                for c in sorted(fut.result().outputs, key=lambda c: c.index)]
+
+    def _generate(self, requests: Sequence[GenRequest]) -> list[list[GenOutput] | BaseException]:
+        return [self._outputs(f) for f in self._submit(requests)]
+
+    async def _agenerate(self, requests: Sequence[GenRequest]) -> list[list[GenOutput] | BaseException]:
+        futs = self._submit(requests)
+        try:
+            await asyncio.gather(*(asyncio.wrap_future(f) for f in futs), return_exceptions=True)
+        except asyncio.CancelledError:  # the caller gave up (client timeout, replica draining): stop computing
+            self._loop.abort(futs)
+            raise
+        return [self._outputs(f) for f in futs]
 
     def _prompt_logprobs(self, sequences: Sequence[list[int]], start: Sequence[int]) -> list[list[float]]:
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
-        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-        with self._lock:
-            outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in sequences], params,
-                                     use_tqdm=False)
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0,
+                                output_kind=RequestOutputKind.FINAL_ONLY)
+        futs = [self._loop.submit(list(seq), params) for seq in sequences]
         result = []
-        for seq, s, o in zip(sequences, start, outs, strict=True):
-            lps = o.prompt_logprobs  # position t: {token_id: Logprob} for seq[t] given seq[:t]
+        for seq, s, f in zip(sequences, start, futs, strict=True):
+            lps = f.result().prompt_logprobs  # position t: {token_id: Logprob} for seq[t] given seq[:t]
             result.append([lps[t][seq[t]].logprob for t in range(s, len(seq))])
         return result
+
+    def check_health(self) -> None:
+        if self._loop.error is not None:
+            raise EngineDied(f"the vLLM engine loop has stopped: {self._loop.error!r}")
 
     def close(self) -> None:
         import gc
 
+        if self.llm is not None:
+            self._loop.close()
         self.llm = None
         gc.collect()
