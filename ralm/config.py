@@ -96,12 +96,17 @@ class ServeConfig(Section):
     port: int = Field(8000, ge=1, le=65535)
     max_ongoing_requests: int = Field(16, ge=1)
     max_in_flight: int = Field(8, ge=1, description="Requests the batch client keeps in flight")
+    parts_in_flight: int = Field(
+        2, ge=1, description="Parts the text stages process at once (a part's retry rounds overlap the next "
+        "part's first round; each part still commits atomically)")
     request_timeout_s: float = Field(300.0, gt=0)
     max_retries: int = Field(3, ge=0, description="Re-sends of a request whose replica died or timed out")
     app_name: str = Field("ralm-llm", description="Serve application name (also the served model name)")
     route_prefix: str = Field("/", description="HTTP prefix of the app: the OpenAI base URL is {prefix}/v1")
-    max_batch_size: int = Field(32, ge=1, description="Requests a replica merges into one engine call")
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    max_batch_size: int = Field(32, ge=1, description="Unused since replicas batch continuously (vLLM "
+                                "schedules every request in flight); kept so older configs still load")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="An idle replica waits this long after a first "
+                                        "request so a burst shares its first engine step")
 
 
 class LLMConfig(Section):
@@ -275,6 +280,14 @@ class EvalConfig(Section):
         "Choose the correct option. Reply with the option's number inside answer tags, "
         "for example <answer>1</answer>.",
         description="Appended to every MCQ question after the numbered choices",
+    )
+    answer_mode: Literal["generate", "likelihood", "pmi"] = Field(
+        "generate",
+        description="generate: the ALM writes <answer>N</answer> after the numbered choices (the benchmarks' "
+        "protocol); likelihood: the question alone, each choice scored as the reply by its mean token "
+        "log-probability, the most likely chosen (cloze style, for LLMs too small to follow an answer "
+        "format); pmi: likelihood minus the same choice's likelihood with no audio at all, so the LLM's "
+        "prior for the choice words cancels and only what the audio adds decides",
     )
     max_new_tokens: int = Field(64, ge=1)
     controls: list[Literal["shuffled", "silence"]] = Field(default_factory=lambda: ["shuffled", "silence"])

@@ -51,6 +51,34 @@ def run_stage(name: str, cfg: RalmConfig, run_dir: str | None = None, **kwargs: 
     return STAGES[name].load()(cfg, run_dir, **kwargs)
 
 
+def _uses_llm_service(cfg: RalmConfig, name: str) -> bool:
+    """Whether a stage talks to the LLM on Ray Serve (so consecutive ones can share one service)."""
+    if cfg.generation.backend != "serve":
+        return False
+    return {"prompts": cfg.prompts.source == "llm", "generate": True, "rephrase": cfg.rephrase.enabled}.get(name, False)
+
+
+class _SharedLLMService:
+    """Keeps the LLM service up across consecutive text stages (each would otherwise start and stop its
+    own: ~1 min of model loading per stage on CPU) and takes it down before the audio stages."""
+
+    def __init__(self, cfg: RalmConfig) -> None:
+        self.cfg, self.started = cfg, False
+
+    def need(self, yes: bool) -> None:
+        from ralm.llm.serve import start_llm_service, stop_llm_service
+
+        if yes and not self.started:
+            from ralm.cluster import init_ray
+
+            init_ray(self.cfg.ray)
+            start_llm_service(self.cfg)
+            self.started = True
+        elif not yes and self.started:
+            stop_llm_service(self.cfg)
+            self.started = False
+
+
 def run_all(cfg: RalmConfig, run_dir: str | None = None, stages: list[str] | None = None) -> dict[str, Any]:
     """Run the stages in order, skipping complete ones; returns wall time per stage."""
     run_dir = run_dir or cfg.storage.run_dir
@@ -60,18 +88,23 @@ def run_all(cfg: RalmConfig, run_dir: str | None = None, stages: list[str] | Non
     if storage.exists(timings_uri):
         timings = storage.read_json(timings_uri)
     selected = stages or list(ORDER)
-    for i, name in enumerate(selected, 1):
-        uri = cfg.stage_uri(name, run_dir)
-        if records.is_complete(uri):
-            print(f"[{i}/{len(selected)}] {name}: complete, skipped ({uri})", flush=True)
-            continue
-        print(f"[{i}/{len(selected)}] {name}: {STAGES[name].help}", flush=True)
-        t0 = time.time()
-        run_stage(name, cfg, run_dir)
-        timings[name] = round(time.time() - t0, 1)
-        storage.write_json(timings_uri, timings)
-        print(f"[{i}/{len(selected)}] {name}: done in {timings[name]:.0f}s", flush=True)
-        _refresh_report(run_dir)  # a crash later still leaves a report of what finished
+    llm = _SharedLLMService(cfg)
+    try:
+        for i, name in enumerate(selected, 1):
+            uri = cfg.stage_uri(name, run_dir)
+            if records.is_complete(uri):
+                print(f"[{i}/{len(selected)}] {name}: complete, skipped ({uri})", flush=True)
+                continue
+            print(f"[{i}/{len(selected)}] {name}: {STAGES[name].help}", flush=True)
+            t0 = time.time()
+            llm.need(_uses_llm_service(cfg, name))
+            run_stage(name, cfg, run_dir)
+            timings[name] = round(time.time() - t0, 1)
+            storage.write_json(timings_uri, timings)
+            print(f"[{i}/{len(selected)}] {name}: done in {timings[name]:.0f}s", flush=True)
+            _refresh_report(run_dir)  # a crash later still leaves a report of what finished
+    finally:
+        llm.need(False)
     report = _refresh_report(run_dir)
     print(f"report: {report}", flush=True)
     return timings

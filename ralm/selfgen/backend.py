@@ -11,6 +11,7 @@ stages don't care which. Selected by `generation.backend` (shared by prompts, ge
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -57,15 +58,18 @@ class EngineBackend(Backend):
         self.engine = build_engine(cfg.llm)
         self.max_model_len = self.engine.max_model_len
         self.chunk = chunk
+        self._lock = threading.Lock()  # one in-process engine; the stages may call from several threads
 
     def chat(self, requests: Sequence[ChatRequest]) -> list[list[Completion]]:
         out: list[list[Completion]] = []
         for i in range(0, len(requests), self.chunk):
-            out.extend(self.engine.chat_requests(list(requests[i:i + self.chunk])))
+            with self._lock:
+                out.extend(self.engine.chat_requests(list(requests[i:i + self.chunk])))
         return out
 
     def nll(self, conversations: Sequence[list[dict]], targets: Sequence[str]) -> list[float]:
-        return self.engine.nll(list(conversations), list(targets))
+        with self._lock:
+            return self.engine.nll(list(conversations), list(targets))
 
     def close(self) -> None:
         self.engine.close()

@@ -159,7 +159,8 @@ def run(cfg: Any, run_dir: str) -> str:
 
         with open_backend(cfg) as backend:
             counts = run_batches(stage_uri, pending(src, done), Generator(cfg, backend),
-                                 cfg.generation.part_rows, todo, "generate")
+                                 cfg.generation.part_rows, todo, "generate",
+                                 parts_in_flight=cfg.llm.serve.parts_in_flight)
     audit.write_report(stage_uri, audit.generate_report(stage_uri, cfg, counts))
     records.mark_success(stage_uri, {"rows": len(records.read_ids(records.data_uri(stage_uri)))})
     return stage_uri

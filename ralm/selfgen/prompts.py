@@ -147,7 +147,8 @@ def run(cfg: Any, run_dir: str) -> str:
     try:
         proposer = PromptProposer(cfg, backend)
         rows = pending(corpus, done, cfg.prompts.splits, _clip_key)
-        counts = run_batches(stage_uri, rows, proposer, cfg.prompts.part_rows, todo, "prompts")
+        counts = run_batches(stage_uri, rows, proposer, cfg.prompts.part_rows, todo, "prompts",
+                             parts_in_flight=cfg.llm.serve.parts_in_flight)
     finally:
         if backend is not None:
             backend.close()

@@ -191,7 +191,8 @@ def run(cfg: Any, run_dir: str) -> str:
             backend = open_backend(cfg)
         if todo:
             counts = run_batches(stage_uri, pending(src, done), Rephraser(cfg, backend, count),
-                                 cfg.rephrase.part_rows, todo, "rephrase")
+                                 cfg.rephrase.part_rows, todo, "rephrase",
+                                 parts_in_flight=cfg.llm.serve.parts_in_flight)
         report = audit.rephrase_report(stage_uri, cfg, counts, backend, run_dir)
     finally:
         if backend is not None:

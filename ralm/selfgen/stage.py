@@ -56,25 +56,46 @@ def batched(rows: Iterable[dict], size: int) -> Iterator[list[dict]]:
 
 
 def run_batches(stage_uri: str, rows: Iterable[dict], process: Process, part_rows: int,
-                total: int | None = None, desc: str = "") -> dict[str, int]:
-    """Process and commit batches; returns counts of this run (rows, rejects, batches)."""
+                total: int | None = None, desc: str = "", parts_in_flight: int = 1) -> dict[str, int]:
+    """Process and commit batches; returns counts of this run (rows, rejects, batches).
+
+    `parts_in_flight` > 1 processes that many batches at once (threads; `process` must be thread-safe), so
+    one batch's retry rounds overlap the next batch's first round instead of idling the replicas. Each batch
+    is still committed on its own as it finishes, so exactly-once holds whatever the completion order.
+    """
+    from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+
     from tqdm import tqdm
 
     data, rej = records.data_uri(stage_uri), records.rejects_uri(stage_uri)
     counts = {"rows": 0, "rejects": 0, "batches": 0, "inputs": 0}
-    with tqdm(total=total, desc=desc or stage_uri.rsplit("/", 1)[-1], unit="row") as bar:
+
+    def commit(batch: list[dict], out: list[dict], rejects: list[dict]) -> None:
+        # Data first, then rejects: a kill in between only recomputes this batch's rejects.
+        if out:
+            records.write_part(data, out)
+        if rejects:
+            records.write_part(rej, rejects, records.REJECT_SCHEMA)
+        counts["rows"] += len(out)
+        counts["rejects"] += len(rejects)
+        counts["batches"] += 1
+        counts["inputs"] += len(batch)
+        bar.update(len(batch))
+
+    with tqdm(total=total, desc=desc or stage_uri.rsplit("/", 1)[-1], unit="row") as bar, \
+            ThreadPoolExecutor(max_workers=max(1, parts_in_flight), thread_name_prefix="ralm-part") as pool:
+        running: dict[Future, list[dict]] = {}
+
+        def drain(until: int) -> None:
+            while len(running) > until:
+                finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    commit(running.pop(fut), *fut.result())  # a failed batch raises here, uncommitted
+
         for batch in batched(rows, part_rows):
-            out, rejects = process(batch)
-            # Data first, then rejects: a kill in between only recomputes this batch's rejects.
-            if out:
-                records.write_part(data, out)
-            if rejects:
-                records.write_part(rej, rejects, records.REJECT_SCHEMA)
-            counts["rows"] += len(out)
-            counts["rejects"] += len(rejects)
-            counts["batches"] += 1
-            counts["inputs"] += len(batch)
-            bar.update(len(batch))
+            running[pool.submit(process, batch)] = batch
+            drain(max(1, parts_in_flight) - 1)
+        drain(0)
     return counts
 
 
