@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -47,6 +47,7 @@ class EncoderInfo:
     frame_rate: float
     sample_rate: int
     window_s: float | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # the spec's options (they can change the features)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,6 +57,11 @@ class EncoderInfo:
 
     def bytes_per_second(self, itemsize: int) -> float:
         return self.frame_rate * len(self.layers) * self.width * itemsize
+
+
+def feature_options(spec: EncoderSpec) -> dict[str, Any]:
+    """The spec options that shape the features (recorded with them); placement options are not."""
+    return {k: v for k, v in spec.options.items() if k not in ("device",)}
 
 
 def frames_for(duration_s: float, frame_rate: float) -> int:
@@ -109,7 +115,7 @@ class Encoder(ABC):
 
     def info(self) -> EncoderInfo:
         return EncoderInfo(self.name, self.model, list(self.layers), int(self.width), float(self.frame_rate),
-                           int(self.sample_rate), self.window_s)
+                           int(self.sample_rate), self.window_s, feature_options(self.spec))
 
     # ------------------------------------------------------------------ for subclasses
     @abstractmethod

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ralm.config import EncoderSpec
-from ralm.encoders.base import Encoder, EncoderInfo, freeze, register_encoder
+from ralm.encoders.base import Encoder, EncoderInfo, feature_options, freeze, register_encoder
 
 SAMPLE_RATE = 16000
 WINDOW = 1024
@@ -69,7 +69,8 @@ class CrepeEncoder(Encoder):
         cap = _capacity(spec.model)
         layers = list(spec.layers) or [5]
         return EncoderInfo(spec.name, spec.model, layers, _width(cap, layers),
-                           SAMPLE_RATE / int(spec.options.get("hop_length", 320)), SAMPLE_RATE, None)
+                           SAMPLE_RATE / int(spec.options.get("hop_length", 320)), SAMPLE_RATE, None,
+                           feature_options(spec))
 
     def frames(self, wav: np.ndarray) -> torch.Tensor:
         """(ceil(n / hop), 1024) windows centred every hop, each mean-centred and scaled (as CREPE expects)."""

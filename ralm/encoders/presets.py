@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ralm.config import EncoderSpec
-from ralm.encoders.base import Encoder, EncoderInfo, frames_for, freeze, register_encoder
+from ralm.encoders.base import Encoder, EncoderInfo, feature_options, frames_for, freeze, register_encoder
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class HubEncoder(Encoder):
     def describe(cls, spec: EncoderSpec) -> EncoderInfo:
         p = preset_for(spec)
         return EncoderInfo(spec.name, spec.model, list(spec.layers) or list(p.default_layers), p.width,
-                           p.frame_rate, p.sample_rate, p.window_s)
+                           p.frame_rate, p.sample_rate, p.window_s, feature_options(spec))
 
     def _encode_window(self, wavs: list[np.ndarray]) -> list[np.ndarray]:
         if self.processor is None:  # MuQ takes raw 24 kHz audio

@@ -35,10 +35,12 @@ class EncoderInfo:
     frame_rate: float = 50.0
     model: str = ""
     sample_rate: int = 16000
+    options: dict[str, Any] = field(default_factory=dict)  # the encoder spec's options (e.g. whisper window)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EncoderInfo:
-        known = {k: d[k] for k in ("name", "width", "layers", "frame_rate", "model", "sample_rate") if k in d}
+        known = {k: d[k] for k in ("name", "width", "layers", "frame_rate", "model", "sample_rate", "options")
+                 if k in d}
         info = cls(**known)
         info.layers = list(info.layers) or [-1]
         return info
@@ -48,7 +50,12 @@ class EncoderInfo:
 
 
 class AudioFrontend(nn.Module):
-    """Everything that trains: per-encoder layer mix + adapter, fusion, learned audio start/end embeddings."""
+    """Everything that trains: per-encoder layer mix + adapter, fusion, learned audio start/end embeddings.
+
+    The fused audio tokens end in an RMS norm whose gain starts at the LLM's embedding scale: without it a
+    fresh adapter emits vectors ~10x longer than any text token, which swamp the frozen LLM's residual
+    stream and leave it nothing to read (measured on the demo: audio, shuffled audio and silence scored
+    alike after training)."""
 
     def __init__(self, encoders: list[EncoderInfo], llm_dim: int, adapter: str = "downsampler",
                  adapter_hidden: int = 1024, fusion: str = "sum", fusion_options: dict[str, Any] | None = None,
@@ -63,6 +70,9 @@ class AudioFrontend(nn.Module):
         self.fusion = build_fusion(fusion, [e.name for e in encoders], llm_dim, **(fusion_options or {}))
         self.audio_start = nn.Parameter(torch.randn(llm_dim) * init_std)
         self.audio_end = nn.Parameter(torch.randn(llm_dim) * init_std)
+        self.out_norm = nn.RMSNorm(llm_dim, eps=1e-6)
+        with torch.no_grad():
+            self.out_norm.weight.fill_(init_std)
 
     def forward(self, features: dict[str, torch.Tensor], lengths: dict[str, torch.Tensor]
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +84,8 @@ class AudioFrontend(nn.Module):
             adapter = self.adapters[e.name]
             x, n = adapter(self.mixers[e.name](features[e.name]), lengths[e.name])
             streams[e.name] = (x, n, e.frame_rate / adapter.stride)
-        return self.fusion(streams)
+        audio, n = self.fusion(streams)
+        return self.out_norm(audio), n  # padding stays zero: RMS-normalising a zero vector gives zero
 
 
 class ALM(nn.Module):

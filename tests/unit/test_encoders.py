@@ -148,3 +148,26 @@ def test_crepe_taps_and_frame_rate():
         ref = torchcrepe.embed(torch.from_numpy(wav)[None], 16000, hop_length=320, model="tiny")
     got = enc5.encode([wav])[0][0]
     np.testing.assert_allclose(got, ref[0, : got.shape[0]].reshape(got.shape[0], -1).numpy(), atol=1e-4)
+
+
+def test_whisper_clip_window_encodes_only_the_clip_and_is_recorded(whisper_tiny):
+    rng = np.random.default_rng(1)
+    clip = (0.1 * rng.standard_normal(int(2.5 * 16000))).astype(np.float32)
+    longer = (0.1 * rng.standard_normal(int(7.2 * 16000))).astype(np.float32)
+    trimmed = build_encoder(EncoderSpec(name="whisper", model="whisper-tiny.en-ct2", layers=[2, 4],
+                                        options={"window": "clip"}))
+    a, b = trimmed.encode([clip, longer])
+    full = whisper_tiny.encode([clip])[0]
+    assert a.shape == full.shape == (2, 125, 384) and b.shape == (2, 360, 384)
+    assert not np.allclose(a, full, atol=1e-3)  # a 3 s context, not the 30 s one
+    # The same as one forward on the first 3 s of log-mel (300 frames), and independent of batch partners.
+    mel = trimmed.log_mel([clip])[:, :, :300]
+    states = trimmed.forward_features(mel)
+    ref = torch.stack([states[2], states[4]], dim=1)[0, :, :125].numpy()
+    np.testing.assert_allclose(a, ref, atol=1e-5)
+    np.testing.assert_allclose(trimmed.encode([clip])[0], a, atol=1e-5)
+    # The option travels with the features (training and inference must encode alike).
+    assert trimmed.info().options == {"window": "clip"}
+    assert describe_encoder(trimmed.spec).options == {"window": "clip"}
+    with pytest.raises(ValueError, match="window"):
+        build_encoder(EncoderSpec(name="whisper", model="whisper-tiny.en-ct2", options={"window": "10s"}))

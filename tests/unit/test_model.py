@@ -150,6 +150,21 @@ def test_loss_backpropagates_into_the_frontend_only(alm: ALM):
     alm.zero_grad()
 
 
+@pytest.mark.parametrize("fusion", ["sum", "crossattention", "perceiver"])
+def test_audio_tokens_start_at_the_llms_embedding_scale(llm_dir: str, fusion: str):
+    """A fresh frontend's audio tokens are as long as the LLM's text embeddings (not ~10x longer), and
+    padded positions stay exactly zero."""
+    model = ALM.build(llm_dir, ENCS, adapter_hidden=32, fusion=fusion, seed=0)
+    text_norm = model.llm.get_input_embeddings().weight.detach().float().norm(dim=1).mean()
+    x = {k: torch.from_numpy(v.astype(np.float32))[None].repeat(2, 1, 1, 1) * 50 for k, v in feats(30).items()}
+    lens = {"enc_a": torch.tensor([30, 10]), "enc_b": torch.tensor([60, 20])}
+    with torch.no_grad():
+        audio, n = model.frontend(x, lens)
+    norms = audio[0, : int(n[0])].norm(dim=1)
+    assert torch.allclose(norms, torch.full_like(norms, float(text_norm)), rtol=0.25)
+    assert int(n[1]) < int(n[0]) and torch.count_nonzero(audio[1, int(n[1]):]) == 0
+
+
 def test_text_only_generation_is_the_frozen_llms(alm: ALM):
     q = "Name a colour."
     ids = torch.tensor([alm.layout.text_prompt_ids(q)])
