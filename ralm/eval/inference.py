@@ -17,6 +17,7 @@ LLM in vLLM, fed prompt embeddings; GPU clusters).
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import threading
@@ -77,7 +78,8 @@ def encoder_spec(info: Any, specs: Sequence[EncoderSpec] = ()) -> EncoderSpec:
     for s in specs:
         if s.name == info.name and (not info.model or s.model == info.model):
             return s.model_copy(update={"layers": [x for x in info.layers if x >= 0]})
-    return EncoderSpec(name=info.name, model=info.model, layers=[x for x in info.layers if x >= 0])
+    return EncoderSpec(name=info.name, model=info.model, layers=[x for x in info.layers if x >= 0],
+                       options=dict(getattr(info, "options", None) or {}))
 
 
 # ---------------------------------------------------------------------------------------------- back ends
@@ -342,6 +344,51 @@ class ALMInference:
         return [next(gens) if p is not None else Generation("", 0, 0, "error", err)
                 for p, err in zip(prompts, errors, strict=True)]
 
+    @torch.no_grad()
+    def choice_logprobs(self, requests: Sequence[tuple[AudioInput, str, Sequence[str]]], reply_prefix: str = "",
+                        calibrate: bool = False) -> list[list[float] | str]:
+        """Per (audio, question, choices): each choice's mean log-probability as the ALM's reply (cloze-style
+        multiple choice, as lm-eval-harness scores small models). `calibrate` subtracts the same choice's
+        score without any audio (pointwise mutual information with the audio): the LLM's prior for the
+        choice words cancels and only what the audio adds decides. `reply_prefix` (e.g. a thought-closing
+        tag for templates that open one) is fed but not scored. An undecodable audio gives its error string."""
+        out: list[list[float] | str] = []
+        with self._lock:
+            for audio, question, choices in requests:
+                try:
+                    loaded = self.load(audio)
+                except AudioError as e:
+                    out.append(f"{e.reason}: {e.detail}")
+                    continue
+                feats = None if loaded is None else self.featurize(*loaded)
+                scores = self._reply_logprobs(self.prompt(feats, question), question, choices, reply_prefix)
+                if calibrate:
+                    prior = self._reply_logprobs(self.prompt(None, question), question, choices, reply_prefix)
+                    scores = [s - p for s, p in zip(scores, prior, strict=True)]
+                out.append(scores)
+        return out
+
+    def _reply_logprobs(self, prompt: dict[str, Any], question: str, choices: Sequence[str], reply_prefix: str
+                        ) -> list[float]:
+        """Mean log-probability of each choice as the reply to one prompt: one right-padded forward."""
+        layout = self.alm.layout
+        emb = prompt["prompt_embeds"] if "prompt_embeds" in prompt else self.alm.embed_ids(prompt["prompt_token_ids"])
+        prefix = layout.ids(reply_prefix) if reply_prefix else []
+        conts = [prefix + layout.target_ids(" ".join(str(c).split()) or "?", question) for c in choices]
+        n0, width = emb.shape[0], max(len(c) for c in conts)
+        x = torch.cat([emb[None].repeat(len(conts), 1, 1),
+                       self.alm.embed_ids([0] * width)[None].repeat(len(conts), 1, 1)], dim=1)
+        mask = torch.zeros(len(conts), n0 + width, dtype=torch.long, device=x.device)
+        for i, c in enumerate(conts):
+            x[i, n0 : n0 + len(c)] = self.alm.embed_ids(c)
+            mask[i, : n0 + len(c)] = 1
+        logp = torch.log_softmax(self.alm.llm(inputs_embeds=x, attention_mask=mask).logits.float(), dim=-1)
+        scores = []
+        for i, c in enumerate(conts):
+            lp = [float(logp[i, n0 + t - 1, c[t]]) for t in range(len(prefix), len(c))]
+            scores.append(sum(lp) / max(1, len(lp)))
+        return scores
+
     def answer(self, audio: AudioInput, question: str, max_new_tokens: int = 256, **kw: Any) -> str:
         g = self.generate([(audio, question)], max_new_tokens, **kw)[0]
         if g.finish_reason == "error":
@@ -420,7 +467,9 @@ class InferenceActor:
 
     def __init__(self, export_dirs: Sequence[str], backend: str = "transformers", max_new_tokens: int = 64,
                  encoder_specs: Sequence[dict[str, Any]] = (), glue: str = DEFAULT_GLUE,
-                 temperature: float = 0.0, torch_threads: int | None = None):
+                 temperature: float = 0.0, torch_threads: int | None = None, answer_mode: str = "generate",
+                 reply_prefix: str = ""):
+        self.answer_mode, self.reply_prefix = answer_mode, reply_prefix
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.engine = ALMInference(list(export_dirs), backend=backend, glue=glue,
@@ -430,6 +479,8 @@ class InferenceActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         audios = [None if a in (None, "") else str(a) for a in batch["audio"]]
+        if self.answer_mode in ("likelihood", "pmi"):
+            return self._by_likelihood(batch, audios)
         gens = self.engine.generate(list(zip(audios, [str(q) for q in batch["question"]], strict=True)),
                                     self.max_new_tokens, temperature=self.temperature)
         out = dict(batch)
@@ -440,17 +491,39 @@ class InferenceActor:
         out["error"] = np.array([g.error or "" for g in gens], dtype=object)
         return out
 
+    def _by_likelihood(self, batch: dict[str, np.ndarray], audios: list[str | None]) -> dict[str, np.ndarray]:
+        """The most likely choice, written as `<answer>N</answer>` so one parser scores both modes."""
+        choices = [json.loads(str(c)) for c in batch["choices"]]
+        scored = self.engine.choice_logprobs(
+            list(zip(audios, [str(q) for q in batch["question"]], choices, strict=True)), self.reply_prefix,
+            calibrate=self.answer_mode == "pmi")
+        out = dict(batch)
+        ok = [isinstance(s, list) for s in scored]
+        out["output"] = np.array([f"<answer>{int(np.argmax(s)) + 1}</answer>" if isinstance(s, list) else ""
+                                  for s in scored], dtype=object)
+        out["choice_logprobs"] = np.array([json.dumps([round(x, 4) for x in s]) if isinstance(s, list) else ""
+                                           for s in scored], dtype=object)
+        out["prompt_tokens"] = np.zeros(len(scored), dtype=np.int64)
+        out["completion_tokens"] = np.zeros(len(scored), dtype=np.int64)
+        out["finish_reason"] = np.array(["stop" if k else "error" for k in ok], dtype=object)
+        out["error"] = np.array(["" if k else str(s) for k, s in zip(ok, scored, strict=True)], dtype=object)
+        return out
+
 
 def batch_infer(ds: Any, export_dirs: Sequence[str], *, backend: str = "transformers", max_new_tokens: int = 64,
                 batch_size: int = 8, concurrency: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0,
-                encoder_specs: Sequence[EncoderSpec] = (), glue: str = DEFAULT_GLUE, temperature: float = 0.0) -> Any:
-    """A Ray Data job: `ds` rows {id, audio (URI or ''), question} -> the same rows with the ALM's output."""
+                encoder_specs: Sequence[EncoderSpec] = (), glue: str = DEFAULT_GLUE, temperature: float = 0.0,
+                answer_mode: str = "generate", reply_prefix: str = "") -> Any:
+    """A Ray Data job: `ds` rows {id, audio (URI or ''), question} -> the same rows with the ALM's output.
+    `answer_mode="likelihood"|"pmi"`: rows also carry `choices` (a JSON list); the output is the best-scoring one
+    (see `ALMInference.choice_logprobs`)."""
     return ds.map_batches(
         InferenceActor,
         fn_constructor_kwargs={
             "export_dirs": list(export_dirs), "backend": backend, "max_new_tokens": max_new_tokens,
             "encoder_specs": [s.model_dump() for s in encoder_specs], "glue": glue, "temperature": temperature,
             "torch_threads": max(1, int(num_cpus)) if num_gpus == 0 else None,
+            "answer_mode": answer_mode, "reply_prefix": reply_prefix,
         },
         batch_size=batch_size,
         concurrency=concurrency,

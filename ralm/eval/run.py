@@ -58,6 +58,8 @@ def fingerprint(cfg: RalmConfig, data: str, adapters: list[str]) -> str:
     key = {"benchmark": ec.benchmark, "data": data, "audio_root": ec.audio_root, "adapters": adapters,
            "glue": ec.ensemble_glue if len(adapters) > 1 else None, "instruction": ec.instruction,
            "max_new_tokens": ec.max_new_tokens, "limit": ec.limit, "seed": ec.seed}
+    if ec.answer_mode != "generate":  # keeps the fingerprint (and committed predictions) of older runs
+        key["answer_mode"] = ec.answer_mode
     return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -81,7 +83,8 @@ def _check_adapters(adapters: list[str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- inference
-def infer(cfg: RalmConfig, rows: list[dict[str, Any]], adapters: list[str], pred_uri: str, bench: str) -> None:
+def infer(cfg: RalmConfig, rows: list[dict[str, Any]], adapters: list[str], pred_uri: str, bench: str,
+          reply_prefix: str = "") -> None:
     """Ray Data job over the rows not yet committed under `pred_uri`; commits parts as batches finish."""
     from ralm.cluster import init_ray
     from ralm.eval.inference import batch_infer
@@ -97,10 +100,15 @@ def infer(cfg: RalmConfig, rows: list[dict[str, Any]], adapters: list[str], pred
     ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // ec.batch_size, 64)))
     out = batch_infer(ds, adapters, backend=ec.backend, max_new_tokens=ec.max_new_tokens,
                       batch_size=ec.batch_size, concurrency=ec.concurrency, num_cpus=ec.num_cpus,
-                      num_gpus=ec.num_gpus, encoder_specs=cfg.features.encoders, glue=ec.ensemble_glue)
+                      num_gpus=ec.num_gpus, encoder_specs=cfg.features.encoders, glue=ec.ensemble_glue,
+                      answer_mode=ec.answer_mode, reply_prefix=reply_prefix)
+    from tqdm import tqdm
+
     with records.PartWriter(records.data_uri(pred_uri), part_rows=max(ec.batch_size, 16)) as good, \
-            records.PartWriter(records.rejects_uri(pred_uri), records.REJECT_SCHEMA, part_rows=64) as bad:
+            records.PartWriter(records.rejects_uri(pred_uri), records.REJECT_SCHEMA, part_rows=64) as bad, \
+            tqdm(total=len(todo), desc=f"eval {bench}", unit="item") as bar:
         for batch in out.iter_batches(batch_size=ec.batch_size, batch_format="numpy"):
+            bar.update(len(batch["id"]))
             for i in range(len(batch["id"])):
                 row = {k: batch[k][i] for k in batch}
                 if row["finish_reason"] == "error":
@@ -113,7 +121,8 @@ def infer(cfg: RalmConfig, rows: list[dict[str, Any]], adapters: list[str], pred
                     domain=str(row["domain"]) or None, audio_uri=str(row["audio"]), prompt=str(row["question"]),
                     task=str(row["category"]) or None, response=str(row["output"]),
                     response_tokens=int(row["completion_tokens"]), finish_reason=str(row["finish_reason"]),
-                    verdicts={"condition": str(row["condition"])},
+                    verdicts={"condition": str(row["condition"]),
+                              **({"choice_logprobs": str(row["choice_logprobs"])} if "choice_logprobs" in row else {})},
                 ))
 
 
@@ -213,6 +222,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     if tp:
         lines += ["", f"Text preserved (text-only prompts through the ALM == the frozen LLM's greedy output): "
                   f"**{'yes' if tp.get('passed') else 'NO'}**" + (f" ({tp['error']})" if tp.get("error") else "")]
+    if report.get("answer_mode") in ("likelihood", "pmi"):
+        lines += ["", "Answers by likelihood: each choice was scored as the ALM's reply to the question (mean "
+                  "token log-probability" + (", minus its score with no audio at all" if report["answer_mode"] == "pmi"
+                                             else "") + ") and the best one chosen, so nothing is unparsed."]
     lines += ["", "Unparsed replies count as wrong (never a random guess). Predictions in the official "
               f"format: `{report['predictions']}`.", ""]
     return "\n".join(lines)
@@ -242,10 +255,13 @@ def run(cfg: RalmConfig, run_dir: str | None = None) -> str:
                            [records.reject(r["id"], STAGE, r["reason"], r["detail"], source=f"eval:{bench.name}")
                             for r in loaded.rejects], records.REJECT_SCHEMA)
 
+    by_likelihood = ec.answer_mode in ("likelihood", "pmi")
     rows = [{"id": f"{cond}/{it.id}", "item_id": it.id, "condition": cond, "audio": it.audio,
-             "question": build_prompt(it.question, it.choices, ec.instruction), "domain": it.domain or "",
-             "category": it.category or ""}
+             "question": it.question if by_likelihood else build_prompt(it.question, it.choices, ec.instruction),
+             "domain": it.domain or "", "category": it.category or "",
+             **({"choices": json.dumps(list(it.choices))} if by_likelihood else {})}
             for cond, items in conds.items() for it in items]
+    thought_open = template_opens_thought(adapters[0])
     tp_uri = storage.join(pred_uri, "text_check.json")
     text_check = storage.read_json(tp_uri) if ec.text_check and storage.exists(tp_uri) else None
     tp_ref = None
@@ -254,7 +270,8 @@ def run(cfg: RalmConfig, run_dir: str | None = None) -> str:
 
         init_ray(cfg.ray)
         tp_ref = start_text_check(cfg, adapters)
-    infer(cfg, rows, adapters, pred_uri, bench.name)
+    # A template that opens a thought in its generation prompt gets it closed before the scored choice.
+    infer(cfg, rows, adapters, pred_uri, bench.name, reply_prefix="</think>\n\n" if thought_open else "")
     if tp_ref is not None:
         import ray
 
@@ -267,7 +284,7 @@ def run(cfg: RalmConfig, run_dir: str | None = None) -> str:
 
     preds = {r["id"]: r for r in records.read_records(records.data_uri(pred_uri), ["id", "response"])}
     errors = {r["id"]: r for r in records.read_rejects(pred_uri)}
-    summaries, submissions = score(bench, conds, preds, errors, template_opens_thought(adapters[0]))
+    summaries, submissions = score(bench, conds, preds, errors, thought_open and not by_likelihood)
 
     pred_file = storage.join(stage, f"{bench.name}_predictions.json")
     storage.write_json(pred_file, submissions["audio"])
@@ -277,7 +294,7 @@ def run(cfg: RalmConfig, run_dir: str | None = None) -> str:
 
     report: dict[str, Any] = {
         "benchmark": bench.name, "data": data, "audio_root": ec.audio_root, "adapters": adapters,
-        "backend": ec.backend, "scorer": bench.scorer, "group_keys": list(bench.group_keys),
+        "backend": ec.backend, "answer_mode": ec.answer_mode, "scorer": bench.scorer, "group_keys": list(bench.group_keys),
         "items": len(loaded.items), "rejected_items": len(loaded.rejects),
         "rejects_by_reason": dict(Counter(r["reason"] for r in loaded.rejects)),
         "overall": summaries["audio"]["accuracy"], "unparsed_rate": summaries["audio"]["unparsed_rate"],

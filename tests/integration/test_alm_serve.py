@@ -185,3 +185,35 @@ def test_eval_stage_mmau_rejects_bad_items_and_audio(ray_local, tiny_export, tmp
     assert "audio/mmau-3" in {r["id"] for r in rejects}
     assert (tmp_path / "run/eval/mmau_predictions.json").exists()
     assert (tmp_path / "run/eval/mmau_predictions.shuffled.json").exists()
+
+
+def test_eval_stage_likelihood_mode_picks_the_most_likely_choice(ray_local, tiny_export, tmp_path, write_wav):
+    from ralm.eval.inference import ALMInference
+    from ralm.eval.run import run
+
+    for name, freq in (("a", 300), ("b", 900)):
+        write_wav(f"audio/{name}.wav", seconds=0.6, freq=freq)
+    items = json.loads(open("tests/fixtures/eval/mmau-mini.json").read())[:3]
+    items[0]["audio_id"], items[1]["audio_id"] = "./audio/a.wav", "./audio/b.wav"
+    items[2]["audio_id"] = "./audio/missing.wav"
+    data = tmp_path / "mmau.json"
+    data.write_text(json.dumps(items))
+    cfg = RalmConfig()
+    cfg.eval.benchmark, cfg.eval.data, cfg.eval.audio_root = "mmau", str(data), str(tmp_path)
+    cfg.eval.adapters = [tiny_export]
+    cfg.eval.answer_mode = "likelihood"
+    cfg.eval.controls = ["silence"]
+    cfg.eval.text_check = False
+    cfg.eval.num_cpus = 0.5
+    run(cfg, str(tmp_path / "run"))
+    report = json.loads((tmp_path / "run/eval/mmau.report.json").read_text())
+    assert report["answer_mode"] == "likelihood"
+    assert report["conditions"]["audio"]["errors"] == {"missing": 1}
+    assert report["unparsed_rate"] == pytest.approx(1 / 3)  # only the missing clip has no answer
+    preds = {p["id"]: p for p in json.loads((tmp_path / "run/eval/mmau_predictions.json").read_text())}
+    engine = ALMInference([tiny_export])
+    for it in items[:2]:  # the committed answer is the argmax of an independent scoring of the same item
+        scores = engine.choice_logprobs([(str(tmp_path / it["audio_id"]), it["question"], it["choices"])])[0]
+        best = max(range(len(scores)), key=scores.__getitem__)
+        assert preds[it["id"]]["model_output"] == it["choices"][best]
+    assert "Answers by likelihood" in (tmp_path / "run/eval/report.md").read_text()

@@ -73,6 +73,37 @@ def test_ensemble_places_each_adapters_audio_with_glue(exports, engine, write_wa
     assert all(r["same"] for r in check_text_preserved(ens, ["Hello"], max_new_tokens=6))
 
 
+def test_choice_logprobs_match_an_unpadded_forward_and_favour_the_greedy_token(engine, write_wav):
+    clip = str(write_wav("tone.wav", seconds=1.0, freq=440))
+    alm, layout = engine.alm, engine.alm.layout
+    prompt = engine.prompt(engine.featurize(*engine.load(clip)), "What do you hear?")["prompt_embeds"]
+    greedy = engine.generate([(clip, "What do you hear?")], max_new_tokens=1)[0].text
+    # Single-token choices: the greedy token must have the highest log-probability of all of them.
+    vocab = alm.tokenizer.get_vocab()
+    singles = [w for w in ("cat", "dog", "bell", "a", "the", "noise") if w in vocab and w != greedy.strip()]
+    greedy_ids = layout.target_ids(greedy, "What do you hear?")
+    choices = [greedy, *singles[:3]] if len(greedy_ids) == 1 and greedy.strip() else singles[:4]
+    multi = ["a ringing bell", "white noise", choices[1]]
+    scores = engine.choice_logprobs([(clip, "What do you hear?", choices), (clip, "What do you hear?", multi),
+                                     (clip + ".missing.wav", "What do you hear?", multi)])
+    assert scores[2].startswith("missing:")
+    for got, opts in ((scores[0], choices), (scores[1], multi)):
+        for value, text in zip(got, opts, strict=True):  # padded batch == one unpadded sequence per choice
+            ids = layout.target_ids(text, "What do you hear?")
+            x = torch.cat([prompt, alm.embed_ids(ids)])[None]
+            logp = torch.log_softmax(alm.llm(inputs_embeds=x).logits.float()[0], -1)
+            n0 = prompt.shape[0]
+            ref = sum(float(logp[n0 + t - 1, ids[t]]) for t in range(len(ids))) / len(ids)
+            assert value == pytest.approx(ref, abs=1e-4)
+    if choices[0] == greedy:
+        assert max(range(len(choices)), key=lambda i: scores[0][i]) == 0
+    # pmi: minus the same choices' scores with no audio at all (a text-only prompt).
+    pmi = engine.choice_logprobs([(clip, "What do you hear?", multi)], calibrate=True)[0]
+    prior = engine.choice_logprobs([(None, "What do you hear?", multi)])[0]
+    assert pmi == pytest.approx([a - b for a, b in zip(scores[1], prior, strict=True)], abs=1e-5)
+    assert engine.choice_logprobs([(None, "What do you hear?", multi)], calibrate=True)[0] == pytest.approx([0.0] * 3)
+
+
 @pytest.mark.gpu
 def test_vllm_backend_from_prompt_embeddings_matches_transformers(exports, write_wav):
     """vLLM fed the ALM's prompt embeddings gives the transformers back end's greedy answer."""
