@@ -1,6 +1,8 @@
-"""`ralm submit` against a real local cluster started with `ray start --head` on 127.0.0.1."""
+"""`ralm submit` against a real local cluster started with `ray start --head` on 127.0.0.1: one stage
+(corpus) and the whole tiny pipeline (`ralm submit run`, tests/e2e/tiny_pipeline.py) as Ray jobs."""
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -12,6 +14,7 @@ import pytest
 from ralm import records
 from ralm.cli import main
 from tests import fixture_trees
+from tests.e2e.tiny_pipeline import STAGES, assert_complete, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -59,6 +62,7 @@ def ray_head():
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)
+    shutil.rmtree(temp, ignore_errors=True)  # the head's session logs and sockets
 
 
 def test_submit_corpus_stage_as_ray_job(ray_head, tmp_path, capsys):
@@ -78,3 +82,26 @@ def test_submit_corpus_stage_as_ray_job(ray_head, tmp_path, capsys):
 def test_submit_rejects_a_bad_config_before_submitting(ray_head, capsys):
     assert main(["submit", "corpus", "--address", ray_head, "train.lr=oops"]) == 2
     assert "train.lr" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # --follow waits for the job's end: never forever
+def test_submit_run_completes_the_tiny_pipeline_as_a_ray_job(ray_head, tmp_path_factory, capsys):
+    """The job sees the config, the tiny LLM and the run dir by absolute paths under tmp (one machine)."""
+    config = write_config(tmp_path_factory, "submit")
+    run_dir = tmp_path_factory.mktemp("submit-run") / "run"
+    rc = main(["submit", "run", "--address", ray_head, "--config", str(config), "--run-dir", str(run_dir),
+               "--follow"])
+    out = capsys.readouterr().out
+    assert rc == 0, out[-6000:]
+    job_id = out.split("submitted job ", 1)[1].split(":", 1)[0]
+    from ray.job_submission import JobStatus
+
+    from ralm.submit import job_client
+
+    assert job_client(ray_head).get_job_status(job_id) == JobStatus.SUCCEEDED
+    assert f"job {job_id}: SUCCEEDED" in out
+    for i, stage in enumerate(STAGES, 1):
+        assert f"[{i}/{len(STAGES)}] {stage}: done in" in out, stage
+    assert f"run complete: {run_dir}" in out
+    assert_complete(run_dir)

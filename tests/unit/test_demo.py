@@ -246,3 +246,13 @@ def test_midi_writer_is_a_valid_smf():
     assert data[:4] == b"MThd" and data[14:18] == b"MTrk"
     assert int.from_bytes(data[18:22], "big") == len(data) - 22
     assert b"\xc0\x28" in data and data.endswith(b"\xff\x2f\x00")  # program 40 (violin), end of track
+
+
+def test_the_recipe_interleaves_domains_so_a_limit_keeps_a_mix(built):
+    from ralm.corpus.recipes.base import RawClip, get_recipe
+
+    root, rows = built
+    items = [i for i in get_recipe("demo").scan(str(root)) if isinstance(i, RawClip)]
+    assert len(items) == len(rows)
+    assert {i.domain for i in items[:8]} == set(demo.DOMAINS)  # the first 8 clips already cover every domain
+    assert Counter(i.domain for i in items) == Counter(r["domain"] for r in rows)

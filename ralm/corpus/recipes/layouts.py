@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ralm.corpus.recipes.base import Row, TableRecipe, register_recipe
+from ralm.corpus.recipes.base import RawClip, Row, TableRecipe, register_recipe
 
 
 def _first(*columns: str):  # type: ignore[no-untyped-def]
@@ -80,9 +80,20 @@ class DemoRecipe:
 
         opts = dict(options or {})
         manifest = synthesize_demo(root, seed=int(opts.pop("seed", 0)), scale=int(opts.pop("scale", 1)))
+        # Domains interleaved (speech, sound, music, instruction, speech, ...): a recipe `limit` then keeps
+        # a mix of every kind of clip instead of the first N speech clips. A few hundred rows: held in memory.
+        by_domain: dict[str, list[RawClip]] = {}
         for item in MANIFEST.scan(manifest.rsplit("/", 1)[0], opts):
+            if not isinstance(item, RawClip):  # a bad manifest row: reported as it comes
+                yield item
+                continue
             item.source = self.name
-            yield item
+            by_domain.setdefault(item.domain or "", []).append(item)
+        queues = list(by_domain.values())
+        for i in range(max((len(q) for q in queues), default=0)):
+            for q in queues:
+                if i < len(q):
+                    yield q[i]
 
 
 register_recipe(DemoRecipe())  # type: ignore[arg-type]
