@@ -107,3 +107,25 @@ def test_driver_relaunch_and_worker_death_resume_from_checkpoints(ray_local, toy
     assert report["steps"] == report["planned_steps"] == 6
     assert [s for s, _ in report["loss_curve"]] == [1, 2, 3, 4, 5, 6]
     assert (Path(run_dir) / "train" / "export" / "adapter.safetensors").exists()
+
+
+def test_training_with_the_run_dir_on_s3_checkpoints_there_and_resumes(ray_local, toy_llm, s3_bucket, s3_server):
+    """Shards, targets, Ray Train checkpoints, the export and the report all live on a real S3 server."""
+    run_dir = f"{s3_bucket}/run"
+    make_toy_run(run_dir, toy_llm, n_train=8, shard_clips=4)
+    cfg = toy_config(run_dir, toy_llm, max_steps=4, checkpoint_every=2, num_workers=1)
+    cfg.storage.s3_endpoint_url = s3_server  # the workers configure their own storage from the config
+    trainer.run(cfg, run_dir)
+    stage = f"{run_dir}/train"
+    report = storage.read_json(f"{stage}/report.json")
+    assert report["steps"] == 4 and report["restarts"] == 0
+    assert storage.exists(f"{stage}/_SUCCESS") and storage.exists(f"{stage}/export/adapter.safetensors")
+    fs, path = storage.filesystem(stage)
+    ckpts = sorted(p for p in fs.find(path) if "/checkpoint-step" in p and p.endswith("state.json"))
+    assert [p.split("/checkpoint-step")[1][:8] for p in ckpts] == ["00000002", "00000004"]
+    # A relaunch with more planned steps resumes from the step-4 checkpoint on S3 instead of restarting.
+    fs.rm(f"{path}/_SUCCESS")
+    cfg.train.max_steps = 6
+    trainer.run(cfg, run_dir)
+    report = storage.read_json(f"{stage}/report.json")
+    assert report["steps"] == 6 and report["resumed_from_step"] == 4
