@@ -20,7 +20,7 @@ from torch import nn
 from ralm.model.adapters import build_adapter
 from ralm.model.chat import ChatLayout
 from ralm.model.fusion import build_fusion
-from ralm.model.layers import LayerMix
+from ralm.model.layers import AudioTokenNorm, LayerMix
 
 IGNORE = -100
 
@@ -52,10 +52,9 @@ class EncoderInfo:
 class AudioFrontend(nn.Module):
     """Everything that trains: per-encoder layer mix + adapter, fusion, learned audio start/end embeddings.
 
-    The fused audio tokens end in an RMS norm whose gain starts at the LLM's embedding scale: without it a
-    fresh adapter emits vectors ~10x longer than any text token, which swamp the frozen LLM's residual
-    stream and leave it nothing to read (measured on the demo: audio, shuffled audio and silence scored
-    alike after training)."""
+    The fused audio tokens end in `AudioTokenNorm`: centred over the data (no constant soft prompt can
+    hide in them) and scaled to the LLM's embedding scale (a fresh adapter emits vectors ~10x longer than
+    any text token, which swamp the frozen LLM's residual stream)."""
 
     def __init__(self, encoders: list[EncoderInfo], llm_dim: int, adapter: str = "downsampler",
                  adapter_hidden: int = 1024, fusion: str = "sum", fusion_options: dict[str, Any] | None = None,
@@ -70,9 +69,7 @@ class AudioFrontend(nn.Module):
         self.fusion = build_fusion(fusion, [e.name for e in encoders], llm_dim, **(fusion_options or {}))
         self.audio_start = nn.Parameter(torch.randn(llm_dim) * init_std)
         self.audio_end = nn.Parameter(torch.randn(llm_dim) * init_std)
-        self.out_norm = nn.RMSNorm(llm_dim, eps=1e-6)
-        with torch.no_grad():
-            self.out_norm.weight.fill_(init_std)
+        self.out_norm = AudioTokenNorm(llm_dim, init_std)
 
     def forward(self, features: dict[str, torch.Tensor], lengths: dict[str, torch.Tensor]
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +82,7 @@ class AudioFrontend(nn.Module):
             x, n = adapter(self.mixers[e.name](features[e.name]), lengths[e.name])
             streams[e.name] = (x, n, e.frame_rate / adapter.stride)
         audio, n = self.fusion(streams)
-        return self.out_norm(audio), n  # padding stays zero: RMS-normalising a zero vector gives zero
+        return self.out_norm(audio, n), n
 
 
 class ALM(nn.Module):

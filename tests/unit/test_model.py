@@ -152,17 +152,24 @@ def test_loss_backpropagates_into_the_frontend_only(alm: ALM):
 
 @pytest.mark.parametrize("fusion", ["sum", "crossattention", "perceiver"])
 def test_audio_tokens_start_at_the_llms_embedding_scale(llm_dir: str, fusion: str):
-    """A fresh frontend's audio tokens are as long as the LLM's text embeddings (not ~10x longer), and
-    padded positions stay exactly zero."""
+    """A fresh frontend's audio tokens are as long as the LLM's text embeddings (not ~10x longer), centred
+    over the real tokens (no constant soft prompt can hide in them), and padded positions stay exactly zero."""
     model = ALM.build(llm_dir, ENCS, adapter_hidden=32, fusion=fusion, seed=0)
     text_norm = model.llm.get_input_embeddings().weight.detach().float().norm(dim=1).mean()
     x = {k: torch.from_numpy(v.astype(np.float32))[None].repeat(2, 1, 1, 1) * 50 for k, v in feats(30).items()}
     lens = {"enc_a": torch.tensor([30, 10]), "enc_b": torch.tensor([60, 20])}
     with torch.no_grad():
         audio, n = model.frontend(x, lens)
-    norms = audio[0, : int(n[0])].norm(dim=1)
-    assert torch.allclose(norms, torch.full_like(norms, float(text_norm)), rtol=0.25)
+    real = torch.cat([audio[0, : int(n[0])], audio[1, : int(n[1])]])
+    assert float(real.norm(dim=1).mean()) == pytest.approx(float(text_norm), rel=0.25)
+    assert float(real.mean(0).norm()) < 1e-3 * float(text_norm)  # centred: no shared constant vector
     assert int(n[1]) < int(n[0]) and torch.count_nonzero(audio[1, int(n[1]):]) == 0
+    # At inference the running statistics are used: a single clip is not centred on itself.
+    model.frontend.eval()
+    with torch.no_grad():
+        one, m = model.frontend({k: v[:1] for k, v in x.items()}, {k: v[:1] for k, v in lens.items()})
+    assert float(one[0, : int(m[0])].mean(0).norm()) > 1e-3 * float(text_norm)
+    model.frontend.train()
 
 
 def test_text_only_generation_is_the_frozen_llms(alm: ALM):
