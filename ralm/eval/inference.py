@@ -263,6 +263,7 @@ class ALMInference:
             opts.setdefault("llm_path", self.alm.meta.get("llm_path"))
         self.backend = BACKENDS[backend](self.alm, **opts)
         self._lock = threading.Lock()
+        self._priors: dict[tuple[str, tuple[str, ...], str], list[float]] = {}
 
     # ------------------------------------------------------------------------------------------ audio
     @property
@@ -363,7 +364,14 @@ class ALMInference:
                 feats = None if loaded is None else self.featurize(*loaded)
                 scores = self._reply_logprobs(self.prompt(feats, question), question, choices, reply_prefix)
                 if calibrate:
-                    prior = self._reply_logprobs(self.prompt(None, question), question, choices, reply_prefix)
+                    # The no-audio prior is the same for an item's every condition (audio, shuffled, silence).
+                    key = (question, tuple(str(c) for c in choices), reply_prefix)
+                    prior = self._priors.get(key)
+                    if prior is None:
+                        prior = self._reply_logprobs(self.prompt(None, question), question, choices, reply_prefix)
+                        if len(self._priors) >= 4096:
+                            self._priors.clear()
+                        self._priors[key] = prior
                     scores = [s - p for s, p in zip(scores, prior, strict=True)]
                 out.append(scores)
         return out

@@ -261,6 +261,9 @@ def run(cfg: RalmConfig, run_dir: str | None = None) -> str:
              "domain": it.domain or "", "category": it.category or "",
              **({"choices": json.dumps(list(it.choices))} if by_likelihood else {})}
             for cond, items in conds.items() for it in items]
+    # An item's conditions side by side: they land in one inference batch, which shares their no-audio prior.
+    order = {it.id: i for i, it in enumerate(loaded.items)}
+    rows.sort(key=lambda r: order.get(r["item_id"], len(order)))
     thought_open = template_opens_thought(adapters[0])
     tp_uri = storage.join(pred_uri, "text_check.json")
     text_check = storage.read_json(tp_uri) if ec.text_check and storage.exists(tp_uri) else None
