@@ -119,7 +119,7 @@ def test_uninterrupted_run_completes(clean_run: tuple[Path, str]) -> None:
         assert any(line.startswith("done in") for line in lines.get(stage, [])), (stage, lines)
         assert not any("skipped" in line for line in lines[stage])
     assert f"run complete: {run_dir}" in output
-    corpus = records.read_records(str(run_dir / "corpus" / "data"), ["id", "split"])
+    corpus = records.read_records(str(run_dir / "corpus" / "data"), ["id", "split", "domain"])
     assert len(corpus) == CORPUS_LIMIT and sum(r["split"] == "test" for r in corpus) >= 2
     assert {r["domain"] for r in corpus} == {"speech", "sound", "music", "instruction"}
     gen_data, _ = _ids(run_dir / "generate")
