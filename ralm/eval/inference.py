@@ -34,6 +34,7 @@ from ralm.llm.engines import cut_at_eos
 
 AudioInput = str | tuple[np.ndarray, int] | None
 DEFAULT_GLUE = "This is what you hear, pass {i} of {n}:"
+CHOICE_SCORING_MODES = ("likelihood", "pmi")  # eval.answer_mode values that score choices instead of generating
 
 
 @dataclass
@@ -487,7 +488,7 @@ class InferenceActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         audios = [None if a in (None, "") else str(a) for a in batch["audio"]]
-        if self.answer_mode in ("likelihood", "pmi"):
+        if self.answer_mode in CHOICE_SCORING_MODES:
             return self._by_likelihood(batch, audios)
         gens = self.engine.generate(list(zip(audios, [str(q) for q in batch["question"]], strict=True)),
                                     self.max_new_tokens, temperature=self.temperature)

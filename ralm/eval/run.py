@@ -25,6 +25,7 @@ from ralm import records, storage
 from ralm.config import RalmConfig
 from ralm.eval.benchmarks import Benchmark, MCQItem, get_benchmark
 from ralm.eval.controls import ControlError, apply_control, chance
+from ralm.eval.inference import CHOICE_SCORING_MODES
 from ralm.eval.scoring import build_prompt, parse_choice, score_item, summarize
 
 log = logging.getLogger(__name__)
@@ -222,7 +223,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     if tp:
         lines += ["", f"Text preserved (text-only prompts through the ALM == the frozen LLM's greedy output): "
                   f"**{'yes' if tp.get('passed') else 'NO'}**" + (f" ({tp['error']})" if tp.get("error") else "")]
-    if report.get("answer_mode") in ("likelihood", "pmi"):
+    if report.get("answer_mode") in CHOICE_SCORING_MODES:
         lines += ["", "Answers by likelihood: each choice was scored as the ALM's reply to the question (mean "
                   "token log-probability" + (", minus its score with no audio at all" if report["answer_mode"] == "pmi"
                                              else "") + ") and the best one chosen, so nothing is unparsed."]
@@ -255,7 +256,7 @@ def run(cfg: RalmConfig, run_dir: str | None = None) -> str:
                            [records.reject(r["id"], STAGE, r["reason"], r["detail"], source=f"eval:{bench.name}")
                             for r in loaded.rejects], records.REJECT_SCHEMA)
 
-    by_likelihood = ec.answer_mode in ("likelihood", "pmi")
+    by_likelihood = ec.answer_mode in CHOICE_SCORING_MODES
     rows = [{"id": f"{cond}/{it.id}", "item_id": it.id, "condition": cond, "audio": it.audio,
              "question": it.question if by_likelihood else build_prompt(it.question, it.choices, ec.instruction),
              "domain": it.domain or "", "category": it.category or "",
