@@ -379,22 +379,31 @@ class ALMInference:
 
     def _reply_logprobs(self, prompt: dict[str, Any], question: str, choices: Sequence[str], reply_prefix: str
                         ) -> list[float]:
-        """Mean log-probability of each choice as the reply to one prompt: one right-padded forward."""
-        layout = self.alm.layout
+        """Mean log-probability of each choice as the reply to one prompt. The prompt (audio included) runs
+        once and its KV cache is shared by every choice: the choices are a few tokens against a prompt of a
+        hundred or more, so scoring costs about one forward per (item, condition) instead of one per choice."""
+        layout, llm = self.alm.layout, self.alm.llm
         emb = prompt["prompt_embeds"] if "prompt_embeds" in prompt else self.alm.embed_ids(prompt["prompt_token_ids"])
         prefix = layout.ids(reply_prefix) if reply_prefix else []
         conts = [prefix + layout.target_ids(" ".join(str(c).split()) or "?", question) for c in choices]
         n0, width = emb.shape[0], max(len(c) for c in conts)
-        x = torch.cat([emb[None].repeat(len(conts), 1, 1),
-                       self.alm.embed_ids([0] * width)[None].repeat(len(conts), 1, 1)], dim=1)
-        mask = torch.zeros(len(conts), n0 + width, dtype=torch.long, device=x.device)
-        for i, c in enumerate(conts):
-            x[i, n0 : n0 + len(c)] = self.alm.embed_ids(c)
-            mask[i, : n0 + len(c)] = 1
-        logp = torch.log_softmax(self.alm.llm(inputs_embeds=x, attention_mask=mask).logits.float(), dim=-1)
+        out = llm(inputs_embeds=emb[None], use_cache=True, logits_to_keep=1)
+        first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # predicts every choice's first token
+        rest = None
+        if width > 1:  # the other tokens: one right-padded batch on top of the shared prompt cache
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(len(conts))
+            ids = torch.zeros(len(conts), width - 1, dtype=torch.long, device=emb.device)
+            mask = torch.ones(len(conts), n0 + width - 1, dtype=torch.long, device=emb.device)
+            for i, c in enumerate(conts):
+                ids[i, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
+                mask[i, n0 + len(c) - 1:] = 0
+            rest = torch.log_softmax(llm(input_ids=ids, attention_mask=mask, past_key_values=cache,
+                                         use_cache=False).logits.float(), dim=-1)
         scores = []
         for i, c in enumerate(conts):
-            lp = [float(logp[i, n0 + t - 1, c[t]]) for t in range(len(prefix), len(c))]
+            lp = [float(first[c[0]]) if t == 0 else float(rest[i, t - 1, c[t]])  # type: ignore[index]
+                  for t in range(len(prefix), len(c))]
             scores.append(sum(lp) / max(1, len(lp)))
         return scores
 
