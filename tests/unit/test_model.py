@@ -57,6 +57,20 @@ def test_adapters_ignore_padding_and_report_lengths(name: str):
     assert torch.all(out[0, int(n[0]):] == 0)
     if name == "downsampler":  # halves the frame rate
         assert lens.tolist() == [5, 10] and ad.stride == 2
+    if name == "downsampler4":  # frames averaged in pairs (an odd last frame alone), then halved again
+        assert lens.tolist() == [3, 5] and ad.stride == 4
+
+
+def test_downsampler4_is_the_downsampler_on_pair_averaged_frames():
+    torch.manual_seed(0)
+    quarter, half = build_adapter("downsampler4", 16, 24, 32).eval(), build_adapter("downsampler", 16, 24, 32).eval()
+    half.load_state_dict(quarter.state_dict())
+    x = torch.randn(1, 7, 16)
+    pooled = torch.cat([x[:, :6].reshape(1, 3, 2, 16).mean(2), x[:, 6:]], dim=1)  # 3 pairs + the odd frame
+    out, n = quarter(x, torch.tensor([7]))
+    ref, m = half(pooled, torch.tensor([4]))
+    assert int(n[0]) == int(m[0]) == 2
+    assert torch.allclose(out, ref, atol=1e-6)
 
 
 def test_align_to_maps_timelines_by_rate():
