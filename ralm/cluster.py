@@ -54,6 +54,8 @@ def init_ray(ray_cfg: Any | None = None, **overrides: Any) -> Any:
         num_cpus = local_num_cpus(getattr(ray_cfg, "num_cpus", None) if ray_cfg else None)
         obj_mb = getattr(ray_cfg, "object_store_memory_mb", None) if ray_cfg else None
         log.info("starting a local Ray with %d logical CPUs", num_cpus)
+        if "runtime_env" in kwargs:  # every local worker imports ralm (same interpreter); a remote one may not
+            kwargs["runtime_env"]["worker_process_setup_hook"] = "ralm.cluster.quiet_worker_logs"
         ray.init(
             num_cpus=num_cpus,
             include_dashboard=bool(getattr(ray_cfg, "include_dashboard", False)) if ray_cfg else False,
@@ -65,6 +67,13 @@ def init_ray(ray_cfg: Any | None = None, **overrides: Any) -> Any:
         )
     _quiet_ray_data()
     return ray.get_runtime_context()
+
+
+def quiet_worker_logs() -> None:
+    """Ray worker setup hook of local runs. Without the dashboard (off by default locally) Ray Train's
+    placement-group cleaner cannot reach the state API and warns once a second for the whole run about
+    something no user can act on; everything else keeps its level."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def _quiet_ray_data() -> None:

@@ -71,3 +71,20 @@ def test_same_config_gives_same_ids_and_resume_skips_done_work(trees, tmp_path):
     assert redone == lost
     table = records.read_table(records.data_uri(b), ["id"])
     assert table.num_rows == len(ids_a) and set(table.column("id").to_pylist()) == ids_a
+
+
+def test_local_ray_workers_run_the_log_setup_hook(ray_local):
+    """Local workers get ralm's setup hook: Ray Train's placement-group cleaner, which cannot reach the
+    state API without the dashboard, no longer warns once a second; other loggers keep their level."""
+    import logging
+
+    import ray
+
+    @ray.remote(num_cpus=0.1)
+    def levels() -> tuple[int, int]:
+        cleaner = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+        return logging.getLogger(cleaner).getEffectiveLevel(), logging.getLogger("ray.train").getEffectiveLevel()
+
+    cleaner, train = ray.get(levels.remote())
+    assert cleaner == logging.ERROR
+    assert train < logging.ERROR
