@@ -134,6 +134,10 @@ class SamplingConfig(Section):
 class PromptsConfig(Section):
     source: Literal["template", "llm"] = "template"
     per_clip: int = Field(1, ge=1, description="Task prompts kept per clip")
+    task_weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="Template task -> how likely it is picked (1 when unlisted, 0 = never), e.g. {gender: 4}",
+    )
     candidates: int = Field(4, ge=1, description="LLM-proposed candidates per clip before the checker")
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.9, max_new_tokens=96))
     check: bool = Field(True, description="Ask the LLM checker (YES/NO) to filter proposed prompts")

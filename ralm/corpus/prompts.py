@@ -101,16 +101,25 @@ def available_tasks(record: Mapping[str, Any]) -> list[str]:
     return tasks
 
 
-def template_prompts(record: Mapping[str, Any], k: int = 1, seed: int = 0) -> list[tuple[str, str]]:
+def template_prompts(record: Mapping[str, Any], k: int = 1, seed: int = 0,
+                     weights: Mapping[str, float] | None = None) -> list[tuple[str, str]]:
     """k distinct (task, prompt) pairs for a record, deterministic for (clip, seed).
 
     Verifiable tasks (a metadata fact) come before free description, so targets can be checked.
+    `weights` (task -> weight, 1 when unlisted, 0 = never) make some tasks likelier to be picked: a
+    small training budget is better spent on a few facts it can learn than on many it cannot.
     """
     rng = _rng(record, seed)
     if record.get("domain") == "instruction":
         return [("instruction", rng.choice(INSTRUCTION_PROMPTS))]
     tasks = available_tasks(record)
+    if weights:
+        tasks = [t for t in tasks if weights.get(t, 1.0) > 0]
     factual = [t for t in tasks if t != "describe"]
-    rng.shuffle(factual)
+    if weights:  # weighted order without replacement: sort by u ** (1 / w) (Efraimidis-Spirakis)
+        keys = {t: rng.random() ** (1.0 / weights.get(t, 1.0)) for t in factual}
+        factual.sort(key=lambda t: -keys[t])
+    else:
+        rng.shuffle(factual)
     ordered = factual + [t for t in tasks if t == "describe"]
     return [(task, rng.choice(TEMPLATES[task])) for task in ordered[:k]]

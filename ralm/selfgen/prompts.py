@@ -99,7 +99,7 @@ class PromptProposer:
                     picked.append((infer_task(q, c), q, "llm"))
             if len(picked) < k:
                 used = {p for _, p, _ in picked}
-                for task, prompt in template_prompts(c, k, seed):
+                for task, prompt in template_prompts(c, k, seed, self.pc.task_weights):
                     if len(picked) < k and prompt not in used:
                         picked.append((task, prompt, "template"))
             rows = _rows_for(c, picked)
