@@ -80,27 +80,44 @@ class Downsampler(Adapter):
         return zero_padding(self.proj_out(h), out_len), out_len
 
 
-@register_adapter("downsampler4")
-class Downsampler4(Downsampler):
-    """The downsampler on frames averaged in pairs: a quarter of the frame rate (12.5 tokens/s from Whisper).
-    For small budgets (CPU) where the audio block is most of the LLM's sequence and its cost."""
+class PooledDownsampler(Downsampler):
+    """The downsampler on frames averaged in groups of `pool` (a clip's last, partial group over its own
+    frames): `2 * pool` input frames per token. For small budgets (CPU) where the audio block is most of the
+    LLM's sequence and its cost; global facts (voice, timbre, noise colour) survive the pooling."""
 
+    pool = 2
     stride = 4
 
+    def _pooled_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        return torch.div(lengths + self.pool - 1, self.pool, rounding_mode="floor")
+
     def out_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
-        return self.strided_lengths(torch.div(lengths + 1, 2, rounding_mode="floor"))
+        return self.strided_lengths(self._pooled_lengths(lengths))
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = zero_padding(x, lengths)
-        if x.shape[1] % 2:
-            x = nn.functional.pad(x, (0, 0, 0, 1))
-        pairs = x.reshape(x.shape[0], x.shape[1] // 2, 2, x.shape[2]).sum(2)
-        # a clip's odd last frame has no partner: divide it by one, every full pair by two
-        halves = torch.div(lengths + 1, 2, rounding_mode="floor")
-        counts = torch.full(pairs.shape[:2], 2.0, dtype=x.dtype, device=x.device)
-        odd = (lengths % 2 == 1).nonzero().flatten()
-        counts[odd, halves[odd] - 1] = 1.0
-        return super().forward(pairs / counts[..., None], halves)
+        if x.shape[1] % self.pool:
+            x = nn.functional.pad(x, (0, 0, 0, self.pool - x.shape[1] % self.pool))
+        groups = x.reshape(x.shape[0], x.shape[1] // self.pool, self.pool, x.shape[2]).sum(2)
+        pooled = self._pooled_lengths(lengths)
+        # frames per group: `pool`, except a clip's last group when its length is not a multiple of `pool`
+        start = torch.arange(groups.shape[1], device=x.device)[None] * self.pool
+        counts = (lengths[:, None] - start).clamp(min=1, max=self.pool).to(x.dtype)
+        return super().forward(groups / counts[..., None], pooled)
+
+
+@register_adapter("downsampler4")
+class Downsampler4(PooledDownsampler):
+    """12.5 tokens/s from Whisper's 50 Hz frames."""
+
+    pool, stride = 2, 4
+
+
+@register_adapter("downsampler8")
+class Downsampler8(PooledDownsampler):
+    """6.25 tokens/s from Whisper's 50 Hz frames."""
+
+    pool, stride = 4, 8
 
 
 @register_adapter("mlp")

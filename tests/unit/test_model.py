@@ -59,6 +59,8 @@ def test_adapters_ignore_padding_and_report_lengths(name: str):
         assert lens.tolist() == [5, 10] and ad.stride == 2
     if name == "downsampler4":  # frames averaged in pairs (an odd last frame alone), then halved again
         assert lens.tolist() == [3, 5] and ad.stride == 4
+    if name == "downsampler8":  # groups of 4 frames (11 -> 3 groups, 20 -> 5), then halved
+        assert lens.tolist() == [1, 2] and ad.stride == 8
 
 
 def test_downsampler4_is_the_downsampler_on_pair_averaged_frames():
@@ -70,6 +72,14 @@ def test_downsampler4_is_the_downsampler_on_pair_averaged_frames():
     out, n = quarter(x, torch.tensor([7]))
     ref, m = half(pooled, torch.tensor([4]))
     assert int(n[0]) == int(m[0]) == 2
+    assert torch.allclose(out, ref, atol=1e-6)
+    eighth = build_adapter("downsampler8", 16, 24, 32).eval()
+    eighth.load_state_dict(half.state_dict())
+    x = torch.randn(1, 10, 16)
+    pooled = torch.cat([x[:, :8].reshape(1, 2, 4, 16).mean(2), x[:, 8:].mean(1, keepdim=True)], dim=1)  # 4+4+2
+    out, n = eighth(x, torch.tensor([10]))
+    ref, m = half(pooled, torch.tensor([3]))
+    assert int(n[0]) == int(m[0]) == 1
     assert torch.allclose(out, ref, atol=1e-6)
 
 
