@@ -56,6 +56,9 @@ def init_ray(ray_cfg: Any | None = None, **overrides: Any) -> Any:
         log.info("starting a local Ray with %d logical CPUs", num_cpus)
         if "runtime_env" in kwargs:  # every local worker imports ralm (same interpreter); a remote one may not
             kwargs["runtime_env"]["worker_process_setup_hook"] = "ralm.cluster.quiet_worker_logs"
+        dashboard = bool(getattr(ray_cfg, "include_dashboard", False)) if ray_cfg else False
+        for key, value in _local_ray_env(dashboard).items():
+            os.environ.setdefault(key, value)
         ray.init(
             num_cpus=num_cpus,
             include_dashboard=bool(getattr(ray_cfg, "include_dashboard", False)) if ray_cfg else False,
@@ -67,6 +70,15 @@ def init_ray(ray_cfg: Any | None = None, **overrides: Any) -> Any:
         )
     _quiet_ray_data()
     return ray.get_runtime_context()
+
+
+def _local_ray_env(dashboard: bool) -> dict[str, str]:
+    """Background work a local Ray can skip. On 2 cores every idle helper process counts: measured with
+    bench/train.py, the Ray Train run went from 5.9 to 6.2 samples/s without these (plain loop: 6.9)."""
+    env = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}  # watches spot-node draining; a laptop has none
+    if not dashboard:
+        env["RAY_enable_metrics_collection"] = "0"  # Prometheus metrics nobody reads without the dashboard
+    return env
 
 
 def quiet_worker_logs() -> None:

@@ -88,3 +88,6 @@ def test_local_ray_workers_run_the_log_setup_hook(ray_local):
     cleaner, train = ray.get(levels.remote())
     assert cleaner == logging.ERROR
     assert train < logging.ERROR
+    # and the local Ray skips background work a laptop has no use for (env read by Ray at start)
+    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    assert os.environ["RAY_enable_metrics_collection"] == "0"
