@@ -2,9 +2,11 @@
 
 Prints one JSON line: audio-seconds per second through `ralm.features.pipeline.build_dataset` (decode
 tasks + one actor pool per encoder) and through a loop (load_audio + encoder.encode, torch on one thread,
-the single-core baseline), and `ratio` = pool / loop. Both timings include loading the encoders.
+the single-core baseline), and `ratio` = pool / loop. Both start from nothing loaded: the pool's workers
+start, import torch and load the encoders; the loop runs in a fresh interpreter, timed from spawn to exit.
 Usage: python bench/features.py [--clips 40] [--seconds 3] [--pool 2]
        python bench/features.py --memory --clips 100 --seconds 1   (driver peak RSS of the stage, N vs 4N clips)
+       python bench/features.py --memory --corpus runs/demo --config demo   (the demo corpus vs 4 copies of it)
 """
 
 from __future__ import annotations
@@ -61,6 +63,20 @@ def bench_loop(cfg, run_dir: str) -> tuple[float, float]:
     return seconds, time.perf_counter() - t0
 
 
+def bench_loop_process(config: str | None, run_dir: str) -> tuple[float, float]:
+    """The loop as a plain script runs it: a fresh interpreter that imports torch, loads the encoders and
+    encodes every clip, timed from spawn to exit, as the pool's time includes its workers starting,
+    importing and loading."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, os.path.abspath(__file__), "--loop-only", run_dir] + (["--config", config] if config else [])
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - t0
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["seconds"]), wall
+
+
 def bench_pool(cfg, run_dir: str) -> tuple[float, float]:
     from ralm import records
     from ralm.encoders import describe_encoder
@@ -81,46 +97,85 @@ def bench_pool(cfg, run_dir: str) -> tuple[float, float]:
     return seconds, wall
 
 
-def _stage_peak_rss(clips: int, seconds: float, root: str) -> dict:
-    """Run the whole stage in a fresh process on `clips` clips; its peak RSS (driver) in MB."""
+def replicate_corpus(src_run: str, root: str, copies: int) -> str:
+    """A run dir whose corpus is `copies` copies of `src_run`'s corpus (new ids, same audio files)."""
+    from ralm import records
+
+    rows = list(records.iter_records(records.data_uri(f"{src_run}/corpus")))
+    run_dir = os.path.join(root, "run")
+    with records.PartWriter(records.data_uri(f"{run_dir}/corpus"), part_rows=256) as w:
+        for k in range(copies):
+            w.extend({**r, "id": f"{r['id']}x{k}", "clip_id": f"{r['clip_id'] or r['id']}x{k}"} for r in rows)
+    return run_dir
+
+
+_CREPE_ONLY = ("{'features': {'encoders': [{'name': 'crepe', 'model': 'crepe-tiny', 'layers': [5],"
+               " 'options': {'hop_length': 640}}]}, 'shards': {'target_mb': 1}}")
+
+
+def _stage_peak_rss(run_dir: str, clips: int, config: str | None) -> dict:
+    """Run the whole stage in a fresh process on a prepared run dir; its driver's peak RSS in MB."""
     import subprocess
     import sys
 
+    cfg = f"load_config({config!r})" if config else f"RalmConfig.model_validate({_CREPE_ONLY})"
     code = (
-        "import json, resource, sys; sys.path.insert(0, 'bench');"
-        "from features import make_corpus; from ralm.config import RalmConfig;"
-        "from ralm.features import pipeline;"
-        f"run = make_corpus({root!r}, {clips}, {seconds});"
-        "cfg = RalmConfig.model_validate({'features': {'encoders': [{'name': 'crepe', 'model': 'crepe-tiny',"
-        " 'layers': [5], 'options': {'hop_length': 640}}]}, 'shards': {'target_mb': 1}});"
-        "pipeline.run(cfg, run);"
-        "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+        "import resource; from ralm.config import RalmConfig, load_config; from ralm.features import pipeline;"
+        f"pipeline.run({cfg}, {run_dir!r});"
+        "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024);"
+        "print(open('/proc/self/smaps_rollup').read())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     rss = [float(line.split()[1]) for line in out.stdout.splitlines() if line.startswith("RSS ")][-1]
-    return {"clips": clips, "driver_peak_rss_mb": round(rss, 1)}
+    # At the end: the driver's own memory (private) vs object-store pages it has mapped reading batches
+    # (shared, bounded by the object store's size, not the driver's heap).
+    kb = {line.split(":")[0]: float(line.split()[1]) for line in out.stdout.splitlines()
+          if line.startswith(("Private_Dirty:", "Shared_Dirty:"))}
+    return {"clips": clips, "driver_peak_rss_mb": round(rss, 1),
+            "end_private_dirty_mb": round(kb.get("Private_Dirty", 0.0) / 1024, 1),
+            "end_shared_dirty_mb": round(kb.get("Shared_Dirty", 0.0) / 1024, 1)}
 
 
-def memory_main(clips: int, seconds: float) -> None:
+def memory_main(clips: int, seconds: float, corpus_run: str | None, config: str | None) -> None:
+    """Peak RSS of the stage on N clips and on 4N: synthetic clips (CREPE), or an existing run's corpus
+    (e.g. the demo's) and 4 copies of it with `--config`'s encoders."""
     runs = []
-    for n in (clips, 4 * clips):
+    for copies in (1, 4):
         with tempfile.TemporaryDirectory() as root:
-            runs.append(_stage_peak_rss(n, seconds, root))
-    print(json.dumps({"bench": "features_memory", "runs": runs,
-                      "rss_ratio_4x": round(runs[1]["driver_peak_rss_mb"] / runs[0]["driver_peak_rss_mb"], 3)}))
+            if corpus_run:
+                from ralm import records
+
+                run_dir = replicate_corpus(corpus_run, root, copies)
+                n = sum(1 for _ in records.iter_records(records.data_uri(f"{run_dir}/corpus")))
+            else:
+                n = copies * clips
+                run_dir = make_corpus(root, n, seconds)
+            runs.append(_stage_peak_rss(run_dir, n, config if corpus_run else None))
+    print(json.dumps({"bench": "features_memory", "corpus": corpus_run or "synthetic", "runs": runs,
+                      "rss_ratio_4x": round(runs[1]["driver_peak_rss_mb"] / runs[0]["driver_peak_rss_mb"], 3),
+                      "private_ratio_4x": round(runs[1]["end_private_dirty_mb"]
+                                                / max(runs[0]["end_private_dirty_mb"], 1e-9), 3)}))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--memory", action="store_true", help="peak RSS of the stage on N and 4N clips instead")
+    ap.add_argument("--corpus", default=None, help="--memory: a run dir whose corpus (x1, x4) to encode instead")
     ap.add_argument("--clips", type=int, default=40)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--pool", type=int, default=2, help="actors per encoder pool")
     ap.add_argument("--config", default=None, help="a config whose features section to use (default: defaults)")
+    ap.add_argument("--loop-only", default=None, help=argparse.SUPPRESS)  # the loop's own process (internal)
     args = ap.parse_args()
+    if args.loop_only:
+        from ralm.config import load_config
+
+        seconds, _ = bench_loop(load_config(args.config), args.loop_only)
+        print(json.dumps({"seconds": seconds}))
+        return
     if args.memory:
-        memory_main(args.clips, args.seconds)
+        memory_main(args.clips, args.seconds, args.corpus, args.config)
         return
 
     import ray
@@ -138,7 +193,7 @@ def main() -> None:
         ray.data.DataContext.get_current().enable_progress_bars = False
         pool_s, pool_t = bench_pool(cfg, run_dir)
         ray.shutdown()
-        loop_s, loop_t = bench_loop(cfg, run_dir)
+        loop_s, loop_t = bench_loop_process(args.config, run_dir)
     out = {
         "bench": "features",
         "encoders": [f"{s.name}:{s.model}:{s.layers}" for s in cfg.features.encoders],
