@@ -101,6 +101,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "config":
         print(dump_config(cfg), end="")
         return 0
+    if args.command != "submit":  # a job resolves its run dir in its own working dir
+        from ralm import storage
+
+        run_dir = storage.absolute(run_dir)
+        if not args.run_dir:
+            cfg.storage.run_dir = run_dir  # what Ray workers receive with the config
     if args.command == "eval":
         extra = [f"eval.{key}={getattr(args, key)}" for key in ("benchmark", "data", "audio_root")
                  if getattr(args, key)]

@@ -46,7 +46,7 @@ ORDER = tuple(STAGES)
 
 
 def run_stage(name: str, cfg: RalmConfig, run_dir: str | None = None, **kwargs: Any) -> str:
-    run_dir = run_dir or cfg.storage.run_dir
+    run_dir = storage.absolute(run_dir or cfg.storage.run_dir)
     storage.configure(cfg.storage)
     return STAGES[name].load()(cfg, run_dir, **kwargs)
 
@@ -81,7 +81,7 @@ class _SharedLLMService:
 
 def run_all(cfg: RalmConfig, run_dir: str | None = None, stages: list[str] | None = None) -> dict[str, Any]:
     """Run the stages in order, skipping complete ones; returns wall time per stage."""
-    run_dir = run_dir or cfg.storage.run_dir
+    run_dir = storage.absolute(run_dir or cfg.storage.run_dir)
     storage.configure(cfg.storage)
     timings: dict[str, Any] = {}
     timings_uri = storage.join(run_dir, "timings.json")

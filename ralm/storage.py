@@ -46,6 +46,11 @@ def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute (Ray workers do not share the driver's working directory); URIs as given."""
+    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+
+
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     fs, path = url_to_fs(uri, **storage_options(uri))
     return fs, path

@@ -41,3 +41,22 @@ def test_unknown_stage_in_run(capsys):
 def test_missing_recipe_root_is_a_clear_error(tmp_path, capsys):
     rc = main(["corpus", "build", "--run-dir", str(tmp_path), "corpus.recipes=[{name: esc50}]"])
     assert rc == 1 and "needs a root folder" in capsys.readouterr().err
+
+
+def _probe_stage(cfg, run_dir):  # a stage that reports the run dir it was given
+    return run_dir
+
+
+def test_relative_run_dirs_reach_stages_absolute(tmp_path, monkeypatch):
+    """Ray workers do not run in the driver's working directory: a relative run dir (the demo's
+    `runs/demo`) must reach every stage, and through it every worker, as an absolute path."""
+    from ralm import pipeline, storage
+    from ralm.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(pipeline.STAGES, "probe", pipeline.Stage("probe", "tests.unit.test_cli:_probe_stage", ""))
+    cfg = load_config("demo")
+    assert cfg.storage.run_dir == "runs/demo"
+    assert pipeline.run_stage("probe", cfg) == str(tmp_path / "runs" / "demo")
+    assert pipeline.run_stage("probe", cfg, "other/dir") == str(tmp_path / "other" / "dir")
+    assert storage.absolute("s3://bucket/run") == "s3://bucket/run"
