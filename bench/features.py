@@ -97,8 +97,9 @@ def bench_pool(cfg, run_dir: str) -> tuple[float, float]:
     return seconds, wall
 
 
-def replicate_corpus(src_run: str, root: str, copies: int) -> str:
-    """A run dir whose corpus is `copies` copies of `src_run`'s corpus (new ids, same audio files)."""
+def replicate_corpus(src_run: str, root: str, copies: int) -> tuple[str, int]:
+    """A run dir whose corpus is `copies` copies of `src_run`'s corpus (new ids, same audio files), and
+    its clip count."""
     from ralm import records
 
     rows = list(records.iter_records(records.data_uri(f"{src_run}/corpus")))
@@ -106,7 +107,7 @@ def replicate_corpus(src_run: str, root: str, copies: int) -> str:
     with records.PartWriter(records.data_uri(f"{run_dir}/corpus"), part_rows=256) as w:
         for k in range(copies):
             w.extend({**r, "id": f"{r['id']}x{k}", "clip_id": f"{r['clip_id'] or r['id']}x{k}"} for r in rows)
-    return run_dir
+    return run_dir, copies * len(rows)
 
 
 _CREPE_ONLY = ("{'features': {'encoders': [{'name': 'crepe', 'model': 'crepe-tiny', 'layers': [5],"
@@ -144,10 +145,7 @@ def memory_main(clips: int, seconds: float, corpus_run: str | None, config: str 
     for copies in (1, 4):
         with tempfile.TemporaryDirectory() as root:
             if corpus_run:
-                from ralm import records
-
-                run_dir = replicate_corpus(corpus_run, root, copies)
-                n = sum(1 for _ in records.iter_records(records.data_uri(f"{run_dir}/corpus")))
+                run_dir, n = replicate_corpus(corpus_run, root, copies)
             else:
                 n = copies * clips
                 run_dir = make_corpus(root, n, seconds)

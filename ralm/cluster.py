@@ -61,7 +61,7 @@ def init_ray(ray_cfg: Any | None = None, **overrides: Any) -> Any:
             os.environ.setdefault(key, value)
         ray.init(
             num_cpus=num_cpus,
-            include_dashboard=bool(getattr(ray_cfg, "include_dashboard", False)) if ray_cfg else False,
+            include_dashboard=dashboard,
             dashboard_host="127.0.0.1",
             _node_ip_address="127.0.0.1",
             object_store_memory=obj_mb * 1024 * 1024 if obj_mb else None,

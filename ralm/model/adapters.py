@@ -85,8 +85,11 @@ class PooledDownsampler(Downsampler):
     frames): `2 * pool` input frames per token. For small budgets (CPU) where the audio block is most of the
     LLM's sequence and its cost; global facts (voice, timbre, noise colour) survive the pooling."""
 
-    pool = 2
-    stride = 4
+    pool: int  # frames per group, set by each registered size
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int):
+        super().__init__(in_dim, out_dim, hidden)
+        self.stride = 2 * self.pool
 
     def _pooled_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         return torch.div(lengths + self.pool - 1, self.pool, rounding_mode="floor")
@@ -110,14 +113,14 @@ class PooledDownsampler(Downsampler):
 class Downsampler4(PooledDownsampler):
     """12.5 tokens/s from Whisper's 50 Hz frames."""
 
-    pool, stride = 2, 4
+    pool = 2
 
 
 @register_adapter("downsampler8")
 class Downsampler8(PooledDownsampler):
     """6.25 tokens/s from Whisper's 50 Hz frames."""
 
-    pool, stride = 4, 8
+    pool = 4
 
 
 @register_adapter("mlp")
