@@ -239,6 +239,8 @@ class TrainConfig(Section):
     batch_size: int = Field(8, ge=1, description="Per-worker micro batch")
     grad_accum: int = Field(1, ge=1)
     grad_clip: float = Field(1.0, gt=0)
+    loss_average: Literal["token", "sample"] = Field(
+        "token", description="Answer-token loss: mean over all tokens of a batch (token) or per answer, then over answers (sample: short answers weigh as much as long ones)")
     max_length: int = Field(4096, ge=16)
     checkpoint_every: int = Field(200, ge=1)
     keep_checkpoints: int = Field(2, ge=1)

@@ -23,6 +23,7 @@ from ralm.model.fusion import build_fusion
 from ralm.model.layers import AudioTokenNorm, LayerMix
 
 IGNORE = -100
+LOSS_AVERAGES = ("token", "sample")  # how answer tokens are averaged, see ALM.answer_loss
 
 
 @dataclass
@@ -187,9 +188,14 @@ class ALM(nn.Module):
             lab_t[i, : s.shape[0]] = lab
         return emb, mask, lab_t
 
-    def answer_loss(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
-                    ) -> tuple[torch.Tensor, int]:
-        """Mean next-token cross-entropy over the labelled positions; the LM head runs only there."""
+    def answer_loss(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                    average: str = "token") -> tuple[torch.Tensor, int]:
+        """Next-token cross-entropy over the labelled positions; the LM head runs only there. `average`:
+        `token` = the mean over every answer token of the batch (long answers weigh more); `sample` = each
+        answer's own mean, then the mean over answers (a 6-token "The speaker sounds male." weighs as much
+        as a 40-token instruction answer, so the one word the audio decides is not drowned out)."""
+        if average not in LOSS_AVERAGES:
+            raise ValueError(f"loss average must be one of {LOSS_AVERAGES}, got {average!r}")
         hidden = self.llm.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                      use_cache=False).last_hidden_state
         nxt = labels[:, 1:]
@@ -198,17 +204,25 @@ class ALM(nn.Module):
         if count == 0:
             return hidden.sum() * 0.0, 0
         logits = self.llm.get_output_embeddings()(hidden[:, :-1][sel]).float()
-        return nn.functional.cross_entropy(logits, nxt[sel]), count
+        if average == "token":
+            return nn.functional.cross_entropy(logits, nxt[sel]), count
+        per_token = nn.functional.cross_entropy(logits, nxt[sel], reduction="none")
+        rows = sel.nonzero()[:, 0]
+        sums = per_token.new_zeros(labels.shape[0]).index_add(0, rows, per_token)
+        counts = sel.sum(1)
+        has = counts > 0
+        return (sums[has] / counts[has]).mean(), count
 
-    def loss(self, batch: dict[str, Any], frontend: nn.Module | None = None) -> tuple[torch.Tensor, int]:
+    def loss(self, batch: dict[str, Any], frontend: nn.Module | None = None, average: str = "token"
+             ) -> tuple[torch.Tensor, int]:
         """Training loss of a collated batch (see `ralm.train.data.collate`). `frontend` may be the
-        DeepSpeed engine wrapping `self.frontend`."""
+        DeepSpeed engine wrapping `self.frontend`; `average` as in `answer_loss`."""
         dtype = self.frontend.audio_start.dtype  # bf16 when DeepSpeed runs the frontend in bf16 (GPU)
         feats = {k: v.to(self.device, dtype) for k, v in batch["features"].items()}
         lens = {k: v.to(self.device) for k, v in batch["feature_lens"].items()}
         audio, audio_lens = (frontend or self.frontend)(feats, lens)
         emb, mask, labels = self.assemble(audio, audio_lens, batch["suffix_ids"], batch["target_ids"])
-        return self.answer_loss(emb, mask, labels)
+        return self.answer_loss(emb, mask, labels, average)
 
     # ------------------------------------------------------------------------------------------ inference
     def features_to_tensors(self, features: dict[str, np.ndarray]) -> tuple[dict[str, torch.Tensor],

@@ -194,7 +194,7 @@ def train_func(config: dict[str, Any]) -> None:
             last = batch
             col = D.collate(batch)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
-                loss, _ = alm.loss(col, frontend=engine)
+                loss, _ = alm.loss(col, frontend=engine, average=tc.loss_average)
             engine.backward(loss * weight)
             engine.step()
             state["micro"] += 1

@@ -234,3 +234,22 @@ def test_export_and_load_through_s3(llm_dir: str, s3_bucket: str):
     loaded = load_alm(uri, llm=llm_dir)
     f = {"enc_a": feats()["enc_a"]}
     torch.testing.assert_close(loaded.embed_audio(f), model.eval().embed_audio(f))
+
+
+def test_sample_average_weighs_each_answer_equally(alm: ALM):
+    short = alm.encode_text("Gender?", "Male.")
+    long = alm.encode_text("Describe it.", "A dog barks twice, then a car passes slowly in the rain.")
+    emb, mask, labels = alm.assemble(torch.randn(2, 5, 64), torch.tensor([5, 3]), [short[0], long[0]],
+                                     [short[1], long[1]])
+    logits = alm.llm(inputs_embeds=emb, attention_mask=mask).logits
+    per_row = [torch.nn.functional.cross_entropy(logits[i, :-1], labels[i, 1:], ignore_index=IGNORE)
+               for i in range(2)]
+    token, n_token = alm.answer_loss(emb, mask, labels, "token")
+    sample, n_sample = alm.answer_loss(emb, mask, labels, "sample")
+    n = [len(short[1]), len(long[1])]
+    assert n_token == n_sample == sum(n)
+    assert torch.allclose(sample, (per_row[0] + per_row[1]) / 2, atol=1e-5)
+    assert torch.allclose(token, (per_row[0] * n[0] + per_row[1] * n[1]) / sum(n), atol=1e-5)
+    assert not torch.allclose(token, sample, atol=1e-4)  # the lengths differ, so the two averages do
+    with pytest.raises(ValueError, match="loss average"):
+        alm.answer_loss(emb, mask, labels, "batch")
