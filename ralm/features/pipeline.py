@@ -17,15 +17,19 @@ import math
 import time
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ralm import records, storage
 from ralm.audio import AudioError, load_audio
 from ralm.config import EncoderSpec, RalmConfig
-from ralm.encoders import EncoderInfo, build_encoder, describe_encoder
 from ralm.features.shards import INDEX_SCHEMA, ShardFile, shard_name, write_index
+
+# The encoders (torch, ~250 MB and seconds of CPU per process) are imported where they are used: the Ray
+# tasks that plan and decode rows import this module and need neither.
+if TYPE_CHECKING:
+    from ralm.encoders import EncoderInfo
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +166,8 @@ class EncoderActor:
     def __init__(self, spec: dict[str, Any], dtype: str):
         import torch
 
+        from ralm.encoders import build_encoder
+
         self.spec = EncoderSpec.model_validate(spec)
         threads = int(self.spec.options.get("threads", max(1, int(self.spec.num_cpus))))
         torch.set_num_threads(threads)
@@ -204,6 +210,8 @@ def build_dataset(cfg: RalmConfig, corpus_data: str, n_shards: dict[str, int],
     """The lazy Ray Data pipeline: read -> plan -> sort -> decode tasks -> encoder actor pools."""
     import ray
 
+    from ralm.encoders import describe_encoder
+
     fs = _arrow_filesystem(corpus_data)
     path = storage.filesystem(corpus_data)[1] if fs is not None else corpus_data
     ds = ray.data.read_parquet(path, columns=_READ_COLUMNS, filesystem=fs, file_extensions=["parquet"])
@@ -236,6 +244,7 @@ def run(cfg: RalmConfig, run_dir: str) -> str:
     from tqdm import tqdm
 
     from ralm.cluster import init_ray
+    from ralm.encoders import describe_encoder
 
     t0 = time.time()
     storage.configure(cfg.storage)

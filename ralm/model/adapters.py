@@ -123,6 +123,13 @@ class Downsampler8(PooledDownsampler):
     pool = 4
 
 
+@register_adapter("downsampler16")
+class Downsampler16(PooledDownsampler):
+    """3.125 tokens/s from Whisper's 50 Hz frames."""
+
+    pool = 8
+
+
 @register_adapter("mlp")
 class MLPAdapter(Adapter):
     """Frame-wise two-layer MLP (keeps the frame rate): Linear d->h, GELU, Linear h->D."""

@@ -179,3 +179,18 @@ def test_shards_to_s3_read_back_identical(local_run, s3_bucket, s3_server, tmp_p
     import webdataset as wds
 
     assert len(list(wds.WebDataset(remote, shardshuffle=False))) == len(got)
+
+
+def test_plan_and_decode_tasks_do_not_import_torch():
+    """Ray's plan/decode tasks import the pipeline module: it must not pull torch (via the encoders) into
+    every such worker (seconds of start-up and ~250 MB each), only the encoder actors need it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; from ralm.features import pipeline;"
+            "b = pipeline.plan_batch({'clip_id': np.array(['a']), 'split': np.array(['train'])}, {'train': 2},"
+            " set(), set());"
+            "assert b['shard'].tolist() == [pipeline.shard_of('a', 2)];"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr

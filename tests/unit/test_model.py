@@ -61,6 +61,8 @@ def test_adapters_ignore_padding_and_report_lengths(name: str):
         assert lens.tolist() == [3, 5] and ad.stride == 4
     if name == "downsampler8":  # groups of 4 frames (11 -> 3 groups, 20 -> 5), then halved
         assert lens.tolist() == [1, 2] and ad.stride == 8
+    if name == "downsampler16":  # groups of 8 frames (11 -> 2 groups, 20 -> 3), then halved
+        assert lens.tolist() == [1, 1] and ad.stride == 16
 
 
 def test_downsampler4_is_the_downsampler_on_pair_averaged_frames():
@@ -80,6 +82,14 @@ def test_downsampler4_is_the_downsampler_on_pair_averaged_frames():
     out, n = eighth(x, torch.tensor([10]))
     ref, m = half(pooled, torch.tensor([3]))
     assert int(n[0]) == int(m[0]) == 1
+    assert torch.allclose(out, ref, atol=1e-6)
+    sixteenth = build_adapter("downsampler16", 16, 24, 32).eval()
+    sixteenth.load_state_dict(half.state_dict())
+    x = torch.randn(1, 36, 16)
+    pooled = torch.cat([x[:, :32].reshape(1, 4, 8, 16).mean(2), x[:, 32:].mean(1, keepdim=True)], dim=1)  # 4x8+4
+    out, n = sixteenth(x, torch.tensor([36]))
+    ref, m = half(pooled, torch.tensor([5]))
+    assert int(n[0]) == int(m[0]) == 2
     assert torch.allclose(out, ref, atol=1e-6)
 
 
