@@ -181,16 +181,21 @@ def test_shards_to_s3_read_back_identical(local_run, s3_bucket, s3_server, tmp_p
     assert len(list(wds.WebDataset(remote, shardshuffle=False))) == len(got)
 
 
-def test_plan_and_decode_tasks_do_not_import_torch():
-    """Ray's plan/decode tasks import the pipeline module: it must not pull torch (via the encoders) into
-    every such worker (seconds of start-up and ~250 MB each), only the encoder actors need it."""
+def test_plan_and_decode_tasks_do_not_import_torch(tmp_path):
+    """Ray's plan/decode tasks import the pipeline module: it must not pull torch (via the encoders or a
+    resampler) into every such worker (seconds of start-up and ~250 MB each); only encoder actors need it."""
     import subprocess
     import sys
 
+    path = tmp_path / "c.wav"
+    sf.write(str(path), 0.3 * np.sin(2 * np.pi * 440 * np.arange(22050) / 22050), 22050)  # needs resampling
     code = ("import sys, numpy as np; from ralm.features import pipeline;"
             "b = pipeline.plan_batch({'clip_id': np.array(['a']), 'split': np.array(['train'])}, {'train': 2},"
             " set(), set());"
             "assert b['shard'].tolist() == [pipeline.shard_of('a', 2)];"
+            f"d = pipeline.decode_batch({{'clip_id': np.array(['a']), 'audio_uri': np.array([{str(path)!r}]),"
+            " 'offset_s': np.array([0.0]), 'duration_s': np.array([1.0])}, [16000]);"
+            "assert d['error'][0] == '' and abs(len(d['wav_16000'][0]) - 16000) <= 1, d['detail'];"
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stdout + out.stderr
