@@ -1,6 +1,7 @@
 """The cluster/ and jobs/ files parse, and everything they name exists and agrees with the package."""
 
 import importlib
+import os
 import re
 import shlex
 import tomllib
@@ -115,3 +116,23 @@ def test_paper_preset_validates():
     assert (t.lr, t.warmup_steps, t.grad_clip, t.epochs, t.precision, t.max_length) == (1e-4, 1500, 1.0, 2, "bf16", 4096)
     assert t.num_workers * t.batch_size * t.grad_accum == 64
     assert cfg.storage.run_dir.startswith("s3://") and cfg.generation.sampling.max_new_tokens == 512
+
+
+def test_job_entrypoint_names_a_python_without_the_stack(tmp_path):
+    """A cluster started outside the set-up environment runs the job with a `python` lacking ralm's stack:
+    the entrypoint says so in one line (which python, what to do) instead of a traceback."""
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "pyarrow"  # a package that fails to import stands in for a missing dependency
+    blocker.mkdir()
+    (blocker / "__init__.py").write_text("raise ImportError(\"No module named 'pyarrow'\")\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    out = subprocess.run([sys.executable, str(ROOT / "jobs" / "entrypoint.py"), "--help"], capture_output=True,
+                         text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 1
+    assert "cannot import ralm's dependencies" in out.stderr and sys.executable in out.stderr
+    assert "Traceback" not in out.stderr
+    ok = subprocess.run([sys.executable, str(ROOT / "jobs" / "entrypoint.py"), "--help"], capture_output=True,
+                        text=True, cwd=tmp_path)
+    assert ok.returncode == 0 and "usage" in ok.stdout
