@@ -104,9 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command != "submit":  # a job resolves its run dir in its own working dir
         from ralm import storage
 
-        run_dir = storage.absolute(run_dir)
-        if not args.run_dir:
-            cfg.storage.run_dir = run_dir  # what Ray workers receive with the config
+        run_dir = storage.absolute(run_dir)  # chat/serve/report too; stages get it from pipeline
     if args.command == "eval":
         extra = [f"eval.{key}={getattr(args, key)}" for key in ("benchmark", "data", "audio_root")
                  if getattr(args, key)]

@@ -220,6 +220,9 @@ class ShardsConfig(Section):
 
 
 # ---------------------------------------------------------------------------------------------- train / eval
+LossAverage = Literal["token", "sample"]  # see ralm.model.alm.ALM.answer_loss
+
+
 class TrainConfig(Section):
     adapter: str = "downsampler"
     adapter_hidden: int = Field(1024, ge=8)
@@ -239,7 +242,7 @@ class TrainConfig(Section):
     batch_size: int = Field(8, ge=1, description="Per-worker micro batch")
     grad_accum: int = Field(1, ge=1)
     grad_clip: float = Field(1.0, gt=0)
-    loss_average: Literal["token", "sample"] = Field(
+    loss_average: LossAverage = Field(
         "token", description="Answer-token loss: mean over all tokens of a batch (token) or per answer, then over answers (sample: short answers weigh as much as long ones)")
     max_length: int = Field(4096, ge=16)
     checkpoint_every: int = Field(200, ge=1)

@@ -11,19 +11,20 @@ text-only path of the frozen LLM (same prompt ids, same `generate`).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
 from torch import nn
 
+from ralm.config import LossAverage
 from ralm.model.adapters import build_adapter
 from ralm.model.chat import ChatLayout
 from ralm.model.fusion import build_fusion
 from ralm.model.layers import AudioTokenNorm, LayerMix
 
 IGNORE = -100
-LOSS_AVERAGES = ("token", "sample")  # how answer tokens are averaged, see ALM.answer_loss
+LOSS_AVERAGES = get_args(LossAverage)  # how answer tokens are averaged, see ALM.answer_loss
 
 
 @dataclass
