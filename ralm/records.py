@@ -203,12 +203,18 @@ def read_records(dir_uri: str, columns: list[str] | None = None) -> list[dict[st
     return from_table(read_table(dir_uri, columns))
 
 
-def iter_records(dir_uri: str, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
-    """Stream records part by part (the driver never holds a whole large dataset)."""
+def iter_tables(dir_uri: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """Stream a dataset one part (Arrow table) at a time (the driver never holds a whole large dataset)."""
     for uri in part_uris(dir_uri):
         fs, path = storage.filesystem(uri)
         with fs.open(path, "rb") as f:
-            yield from from_table(pq.read_table(f, columns=columns))
+            yield pq.read_table(f, columns=columns)
+
+
+def iter_records(dir_uri: str, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
+    """Stream records part by part."""
+    for table in iter_tables(dir_uri, columns):
+        yield from from_table(table)
 
 
 def read_ids(dir_uri: str) -> set[str]:

@@ -1,22 +1,17 @@
 """`ralm features`: corpus clips -> decode (CPU tasks) -> one actor pool per encoder -> WebDataset shards.
 
-Shard plan: a clip goes to shard `hash(clip_id) % n` of its split, where `n` comes from the projected
-bytes of the split and `shards.target_mb`. So a shard's content is a pure function of the corpus: a
-rerun skips shards whose index part exists, recomputes only the others, and writes the same bytes.
-Records are sorted by (split, shard, clip_id) before decoding and Ray Data keeps that order
-(`preserve_order`), so shards complete one after another and the driver holds one open shard (on local
-disk), never the corpus. Features are keyed by clip: one sample per clip id, however many prompts it has.
+The driver plans the shards and writes the work list in shard order (`ralm.features.plan`); Ray Data
+reads it, decodes, runs the encoder pools and keeps that order (`preserve_order`), so shards complete one
+after another and the driver holds one open shard (on local disk), never the corpus. Features are keyed
+by clip: one sample per clip id, however many prompts it has.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import math
 import time
 from collections import Counter
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -24,32 +19,22 @@ import numpy as np
 from ralm import records, storage
 from ralm.audio import AudioError, load_audio
 from ralm.config import EncoderSpec, RalmConfig
+from ralm.features.plan import ITEMSIZE, plan_shards, write_work_list
 from ralm.features.shards import INDEX_SCHEMA, ShardFile, shard_name, write_index
 
 # The encoders (torch, ~250 MB and seconds of CPU per process) are imported where they are used: the Ray
-# tasks that plan and decode rows import this module and need neither.
+# tasks that decode clips import this module and need neither.
 if TYPE_CHECKING:
     from ralm.encoders import EncoderInfo
 
 log = logging.getLogger(__name__)
 
 STAGE = "features"
-_READ_COLUMNS = ["clip_id", "split", "source", "audio_uri", "offset_s", "duration_s"]
-_TAR_OVERHEAD = 1536  # per-sample bytes beyond the arrays: json member + one header per member (approx.)
-_ITEMSIZE = {"float16": 2, "float32": 4}
 
 
 # ---------------------------------------------------------------------------------------------- plan
-def shard_of(clip_id: str, n_shards: int) -> int:
-    return int(hashlib.sha1(clip_id.encode()).hexdigest()[:12], 16) % max(1, n_shards)
-
-
-def clip_bytes(duration_s: float, infos: list[EncoderInfo], itemsize: int) -> int:
-    return _TAR_OVERHEAD + sum(i.num_frames(duration_s) * len(i.layers) * i.width * itemsize + 128 for i in infos)
-
-
 def storage_math(infos: list[EncoderInfo], dtype: str, hours: float) -> dict[str, Any]:
-    item = _ITEMSIZE[dtype]
+    item = ITEMSIZE[dtype]
     per_enc = {i.name: i.bytes_per_second(item) * 3600 for i in infos}
     per_hour = sum(per_enc.values())
     return {"dtype": dtype, "bytes_per_audio_hour": per_hour, "bytes_per_audio_hour_by_encoder": per_enc,
@@ -62,29 +47,6 @@ def _fmt_bytes(n: float) -> str:
             return f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} PB"
-
-
-def _iter_corpus(corpus_data: str, columns: list[str]) -> Iterator[dict[str, Any]]:
-    yield from records.iter_records(corpus_data, columns)
-
-
-def _plan(cfg: RalmConfig, corpus_data: str, infos: list[EncoderInfo]) -> tuple[dict[str, int], dict[str, Any]]:
-    """Shards per split from one streaming pass over the corpus (only sums are kept)."""
-    item = _ITEMSIZE[cfg.shards.dtype]
-    seconds: Counter[str] = Counter()
-    clips: Counter[str] = Counter()
-    projected: Counter[str] = Counter()
-    for r in _iter_corpus(corpus_data, ["clip_id", "split", "duration_s"]):
-        if r["split"] not in cfg.features.splits:
-            continue
-        d = float(r["duration_s"] or 0.0)
-        seconds[r["split"]] += d
-        clips[r["split"]] += 1
-        projected[r["split"]] += clip_bytes(d, infos, item)
-    target = cfg.shards.target_mb * 2**20
-    n_shards = {s: max(1, math.ceil(projected[s] / target)) for s in clips}
-    stats = {"clips": dict(clips), "seconds": dict(seconds), "projected_bytes": dict(projected)}
-    return n_shards, stats
 
 
 def _remove_stale_temps(shards_dir: str) -> None:
@@ -105,18 +67,6 @@ def _done_shards(index_dir: str) -> set[tuple[str, int]]:
 
 
 # ---------------------------------------------------------------------------------------------- Ray UDFs
-def plan_batch(batch: dict[str, np.ndarray], n_shards: dict[str, int], skip_shards: set[tuple[str, int]],
-               skip_ids: set[str]) -> dict[str, np.ndarray]:
-    """Give each row its shard; drop rows of other splits, of finished shards, and already-rejected clips."""
-    shard = np.array([shard_of(str(c), n_shards.get(str(s), 1)) for c, s in zip(batch["clip_id"], batch["split"],
-                                                                              strict=True)], dtype=np.int64)
-    keep = np.array([str(s) in n_shards and str(c) not in skip_ids and (str(s), int(n)) not in skip_shards
-                     for c, s, n in zip(batch["clip_id"], batch["split"], shard, strict=True)], dtype=bool)
-    out = {k: v[keep] for k, v in batch.items()}
-    out["shard"] = shard[keep]
-    return out
-
-
 def decode_batch(batch: dict[str, np.ndarray], sample_rates: list[int]) -> dict[str, np.ndarray]:
     """Decode + resample each clip once per needed rate; a failure becomes an `error` (reason) on the row."""
     n = len(batch["clip_id"])
@@ -205,25 +155,23 @@ def _arrow_filesystem(uri: str) -> Any:
     return PyFileSystem(FSSpecHandler(storage.filesystem(uri)[0]))
 
 
-def build_dataset(cfg: RalmConfig, corpus_data: str, n_shards: dict[str, int],
-                  skip_shards: set[tuple[str, int]], skip_ids: set[str]) -> Any:
-    """The lazy Ray Data pipeline: read -> plan -> sort -> decode tasks -> encoder actor pools."""
+def build_dataset(cfg: RalmConfig, work_parts: list[str]) -> Any:
+    """The lazy Ray Data pipeline over the work list (in shard order): read -> decode tasks -> encoder pools."""
     import ray
 
     from ralm.encoders import describe_encoder
 
-    fs = _arrow_filesystem(corpus_data)
-    path = storage.filesystem(corpus_data)[1] if fs is not None else corpus_data
-    ds = ray.data.read_parquet(path, columns=_READ_COLUMNS, filesystem=fs, file_extensions=["parquet"])
-    ds = ds.map_batches(plan_batch, fn_kwargs={"n_shards": n_shards, "skip_shards": skip_shards,
-                                               "skip_ids": skip_ids}, batch_format="numpy", num_cpus=0.1,
-                        compute=ray.data.TaskPoolStrategy(size=1))
-    ds = ds.sort(["split", "shard", "clip_id"])
+    fs = _arrow_filesystem(work_parts[0])
+    paths = [storage.filesystem(u)[1] for u in work_parts] if fs is not None else work_parts
+    ds = ray.data.read_parquet(paths, filesystem=fs, file_extensions=["parquet"])
     rates = sorted({describe_encoder(s).sample_rate for s in cfg.features.encoders})
     # Decode tasks are capped: every new worker process pays torch's import (seconds of CPU on 2 cores).
     # Their batches are no larger than the smallest encoder batch: Ray bundles rows per task by this size,
     # and when it fuses decode into the first actor pool (same CPU shape) one big bundle = one busy actor.
     decode_bs = min([cfg.features.decode_batch_size] + [s.batch_size for s in cfg.features.encoders])
+    # Work-list parts hold thousands of rows: cut them into batch-sized blocks (streaming, order kept) so
+    # the encoder pools get many bundles to spread over their actors, not one bundle per part.
+    ds = ds.repartition(target_num_rows_per_block=decode_bs)
     ds = ds.map_batches(decode_batch, fn_kwargs={"sample_rates": rates}, batch_format="numpy",
                         batch_size=decode_bs, num_cpus=cfg.features.decode_num_cpus,
                         compute=ray.data.TaskPoolStrategy(size=cfg.features.decode_concurrency))
@@ -259,7 +207,7 @@ def run(cfg: RalmConfig, run_dir: str) -> str:
         raise ValueError(f"features.encoders needs distinct names, got {names}")
     infos = [describe_encoder(s) for s in cfg.features.encoders]
     enc_meta = {i.name: i for i in infos}
-    n_shards, stats = _plan(cfg, corpus_data, infos)
+    n_shards, stats = plan_shards(cfg, corpus_data, infos)
     hours = sum(stats["seconds"].values()) / 3600
     math_ = storage_math(infos, cfg.shards.dtype, hours)
     print(_storage_lines(infos, math_, stats))
@@ -276,9 +224,7 @@ def run(cfg: RalmConfig, run_dir: str) -> str:
     storage.write_json(meta_uri, meta)
     _remove_stale_temps(shards_dir)
     rejected = {r["id"] for r in records.read_rejects(stage)}
-    pending = sum(1 for r in _iter_corpus(corpus_data, ["clip_id", "split"])
-                  if r["split"] in n_shards and r["clip_id"] not in rejected
-                  and (r["split"], shard_of(r["clip_id"], n_shards[r["split"]])) not in done)
+    work, pending = write_work_list(corpus_data, storage.join(stage, "work"), n_shards, done, rejected)
     print(f"[features] {sum(stats['clips'].values())} clips, {len(done)} shards already finished, "
           f"{pending} clips to encode into {sum(n_shards.values())} planned shards under {shards_dir}")
 
@@ -287,7 +233,7 @@ def run(cfg: RalmConfig, run_dir: str) -> str:
         init_ray(cfg.ray)
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # shards complete one after another, in order
-        ds = build_dataset(cfg, corpus_data, n_shards, done, rejected)
+        ds = build_dataset(cfg, work)
         counts = _write_shards(ds, shards_dir, index_dir, rejects_dir, enc_meta, cfg.shards.dtype, stage,
                                tqdm(total=pending, desc="features", unit="clip"))
     report = _report(stage, infos, math_, stats, counts, len(done), time.time() - t0, cfg)
@@ -301,7 +247,6 @@ def _write_shards(ds: Any, shards_dir: str, index_dir: str, rejects_dir: str, en
     current: tuple[str, int] | None = None
     shard: ShardFile | None = None
     rejects = records.PartWriter(rejects_dir, schema=records.REJECT_SCHEMA, part_rows=10**9)
-    last_clip = None
     feat_cols = [f"feat__{n}" for n in sorted(enc_meta)]
 
     def finish() -> None:
@@ -325,9 +270,6 @@ def _write_shards(ds: Any, shards_dir: str, index_dir: str, rejects_dir: str, en
                     finish()
                     current = (split, n)
                     shard = ShardFile(storage.join(shards_dir, shard_name(split, n)), dtype)
-                if clip == last_clip:  # a clip listed twice in the corpus is encoded once
-                    continue
-                last_clip = clip
                 if batch["error"][i]:
                     src = batch["source"][i]
                     rejects.add(records.reject(clip, STAGE, str(batch["error"][i]), str(batch["detail"][i]),

@@ -181,8 +181,8 @@ def test_shards_to_s3_read_back_identical(local_run, s3_bucket, s3_server, tmp_p
     assert len(list(wds.WebDataset(remote, shardshuffle=False))) == len(got)
 
 
-def test_plan_and_decode_tasks_do_not_import_torch(tmp_path):
-    """Ray's plan/decode tasks import the pipeline module: it must not pull torch (via the encoders or a
+def test_decode_tasks_do_not_import_torch(tmp_path):
+    """Ray's decode tasks import the pipeline module: it must not pull torch (via the encoders or a
     resampler) into every such worker (seconds of start-up and ~250 MB each); only encoder actors need it."""
     import subprocess
     import sys
@@ -190,12 +190,24 @@ def test_plan_and_decode_tasks_do_not_import_torch(tmp_path):
     path = tmp_path / "c.wav"
     sf.write(str(path), 0.3 * np.sin(2 * np.pi * 440 * np.arange(22050) / 22050), 22050)  # needs resampling
     code = ("import sys, numpy as np; from ralm.features import pipeline;"
-            "b = pipeline.plan_batch({'clip_id': np.array(['a']), 'split': np.array(['train'])}, {'train': 2},"
-            " set(), set());"
-            "assert b['shard'].tolist() == [pipeline.shard_of('a', 2)];"
             f"d = pipeline.decode_batch({{'clip_id': np.array(['a']), 'audio_uri': np.array([{str(path)!r}]),"
             " 'offset_s': np.array([0.0]), 'duration_s': np.array([1.0])}, [16000]);"
             "assert d['error'][0] == '' and abs(len(d['wav_16000'][0]) - 16000) <= 1, d['detail'];"
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
+def test_run_dir_on_s3(local_run, s3_bucket, s3_server):
+    """The whole run dir on S3 (corpus, work list, index, shards): Ray workers read the work list from
+    S3 and the shards match the local run byte for byte."""
+    run_dir, stage = local_run
+    remote_run = f"{s3_bucket}/run"
+    for part in records.part_uris(records.data_uri(f"{run_dir}/corpus")):
+        storage.put_file_atomic(part, records.data_uri(f"{remote_run}/corpus") + "/" + os.path.basename(part))
+    cfg = _cfg()
+    cfg.storage.s3_endpoint_url = s3_server
+    remote_stage = pipeline.run(cfg, remote_run)
+    assert remote_stage.startswith("s3://") and records.is_complete(remote_stage)
+    assert _bytes(sh.list_shards(remote_stage)) == _bytes(sh.list_shards(stage))
+    assert [r["id"] for r in records.read_rejects(remote_stage)] == ["corrupt"]

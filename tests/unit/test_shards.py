@@ -90,21 +90,49 @@ def test_webdataset_library_reads_our_shards(tmp_path):
 
 
 def test_storage_math_and_shard_plan_are_pure_functions():
-    import numpy as np
+    import pyarrow as pa
 
     from ralm.encoders import EncoderInfo
-    from ralm.features import pipeline
+    from ralm.features import pipeline, plan
 
     whisper = EncoderInfo("whisper", "whisper-large-v3", [7, 15, 23, 31], 1280, 50.0, 16000, 30.0)
     m = pipeline.storage_math([whisper], "float16", hours=19000)
     assert m["bytes_per_audio_hour"] == 50 * 3600 * 4 * 1280 * 2  # 1.84 GB per audio-hour
     assert m["projected_bytes"] == m["bytes_per_audio_hour"] * 19000
-    assert pipeline.shard_of("abc", 7) == pipeline.shard_of("abc", 7) == int(
+    assert plan.shard_of("abc", 7) == plan.shard_of("abc", 7) == int(
         __import__("hashlib").sha1(b"abc").hexdigest()[:12], 16) % 7
-    batch = {"clip_id": np.array(["a", "b", "c", "d"], dtype=object),
-             "split": np.array(["train", "train", "valid", "train"], dtype=object)}
+    table = pa.table({"clip_id": ["a", "b", "c", "d"], "split": ["train", "train", "valid", "train"],
+                      "source": ["s"] * 4, "audio_uri": ["u"] * 4, "offset_s": [0.0] * 4, "duration_s": [1.0] * 4})
     n = {"train": 2}
-    out = pipeline.plan_batch(batch, n, skip_shards={("train", pipeline.shard_of("a", 2))}, skip_ids={"d"})
-    kept = set(out["clip_id"])
+    out = plan.assign_shards(table, n, skip_shards={("train", plan.shard_of("a", 2))}, skip_ids={"d"})
+    kept = set(out.column("clip_id").to_pylist())
     assert "a" not in kept and "c" not in kept and "d" not in kept  # finished shard, other split, rejected
-    assert kept <= {"b"} and list(out["shard"]) == [pipeline.shard_of(c, 2) for c in out["clip_id"]]
+    assert kept <= {"b"} and out.column("shard").to_pylist() == [plan.shard_of(c, 2) for c in kept]
+
+
+@pytest.mark.parametrize("chunk_rows", [3, 10**6])  # spilled runs + k-way merge, and one in-memory chunk
+def test_work_list_is_sorted_by_shard_once_per_clip(tmp_path, chunk_rows):
+    from ralm import records
+    from ralm.features import plan
+
+    rng = np.random.default_rng(1)
+    ids = [f"clip{int(i):03d}" for i in rng.integers(0, 40, size=60)]  # duplicates on purpose
+    splits = ["test" if int(c[4:]) % 5 == 0 else "train" for c in ids]
+    corpus = records.data_uri(str(tmp_path / "corpus"))
+    with records.PartWriter(corpus, part_rows=7) as w:
+        w.extend(records.make_record(id=f"r{k}", clip_id=c, source="t", split=s, audio_uri=f"/a/{c}.wav",
+                                     offset_s=0.0, duration_s=1.0, sample_rate=16000)
+                 for k, (c, s) in enumerate(zip(ids, splits, strict=True)))
+    n_shards = {"train": 3, "test": 2}
+    done = {("train", plan.shard_of("clip001", 3))}
+    parts, n = plan.write_work_list(corpus, str(tmp_path / "work"), n_shards, done, {"clip002"},
+                                    chunk_rows=chunk_rows, part_rows=5)
+    rows = [r for t in records.iter_tables(str(tmp_path / "work")) for r in t.to_pylist()]
+    expected = sorted({(s, plan.shard_of(c, n_shards[s]), c) for c, s in zip(ids, splits, strict=True)
+                       if c != "clip002" and (s, plan.shard_of(c, n_shards[s])) not in done})
+    assert [(r["split"], r["shard"], r["clip_id"]) for r in rows] == expected and n == len(expected)
+    assert all(r["audio_uri"] == f"/a/{r['clip_id']}.wav" for r in rows) and len(parts) == -(-n // 5)
+    # A second plan replaces the first list (never appends to it).
+    parts2, n2 = plan.write_work_list(corpus, str(tmp_path / "work"), n_shards, done, {"clip002"},
+                                      chunk_rows=chunk_rows, part_rows=5)
+    assert n2 == n and len(records.part_uris(str(tmp_path / "work"))) == len(parts2) == len(parts)
