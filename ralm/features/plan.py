@@ -123,7 +123,7 @@ def _spill(chunk: list[pa.Table], path: str) -> str:
 
 
 def _iter_rows(path: str) -> Iterator[dict[str, Any]]:
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):  # x runs in memory while merging
         yield from batch.to_pylist()
 
 
