@@ -8,7 +8,8 @@ to the clip's real length (50 frames/s) and longer audio runs as consecutive 30 
 `options: {window: clip}` runs the encoder on the clip's own length instead (rounded up to whole seconds,
 padding as Whisper pads): on 3 s clips that is ~10x less compute, at the price of features Whisper was
 not trained to produce (the adapter learns from them all the same). A clip's features depend only on the
-clip, never on the clips batched with it: clips are grouped by their rounded length.
+clip, never on the clips batched with it (see `Encoder.encode`; on an accelerator this holds for 30 s
+windows, whose batches are padded to one shape, while `window: clip` groups clips by rounded length).
 """
 
 from __future__ import annotations
