@@ -234,6 +234,9 @@ def run(cfg: RalmConfig, run_dir: str) -> str:
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # shards complete one after another, in order
         ds = build_dataset(cfg, work)
+        pools = ", ".join(f"{s.name} x{s.pool_min}-{max(s.pool_min, s.pool_max)}" for s in cfg.features.encoders)
+        # The bar stays at 0 while the actors import torch and load their encoders (seconds to minutes).
+        print(f"[features] starting the encoder actor pools ({pools}); clips flow once their models are loaded")
         counts = _write_shards(ds, shards_dir, index_dir, rejects_dir, enc_meta, cfg.shards.dtype, stage,
                                tqdm(total=pending, desc="features", unit="clip"))
     report = _report(stage, infos, math_, stats, counts, len(done), time.time() - t0, cfg)
