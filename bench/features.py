@@ -4,7 +4,7 @@ Prints one JSON line: audio-seconds per second through `ralm.features.pipeline.b
 tasks + one actor pool per encoder) and through a loop (load_audio + encoder.encode, torch on one thread,
 the single-core baseline), and `ratio` = pool / loop. Both start from nothing loaded: the pool's workers
 start, import torch and load the encoders; the loop runs in a fresh interpreter, timed from spawn to exit.
-Usage: python bench/features.py [--clips 160] [--seconds 3] [--pool N]
+Usage: python bench/features.py [--clips 400] [--seconds 3] [--pool N]   (~8 min on 2 cores)
        python bench/features.py --memory --clips 100 --seconds 1   (driver peak RSS of the stage, N vs 4N clips)
        python bench/features.py --memory --corpus runs/demo --config demo   (the demo corpus vs 4 copies of it)
 """
@@ -171,7 +171,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--memory", action="store_true", help="peak RSS of the stage on N and 4N clips instead")
     ap.add_argument("--corpus", default=None, help="--memory: a run dir whose corpus (x1, x4) to encode instead")
-    ap.add_argument("--clips", type=int, default=160)
+    ap.add_argument("--clips", type=int, default=400)  # 20 min of audio: start-up is a fixed cost, not the figure
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--pool", type=int, default=None,
                     help="actors per encoder pool (default: the cores shared out among the encoders, at least 1)")
