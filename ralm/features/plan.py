@@ -71,8 +71,11 @@ def plan_shards(cfg: RalmConfig, corpus_data: str, infos: list[EncoderInfo]) -> 
 def assign_shards(table: pa.Table, n_shards: dict[str, int], skip_shards: set[tuple[str, int]],
                   skip_ids: set[str]) -> pa.Table:
     """Corpus rows -> work rows: each gets its shard; rows of unplanned splits, of finished shards and
-    already-rejected clips are dropped."""
-    clip_ids, splits = table.column("clip_id").to_pylist(), table.column("split").to_pylist()
+    already-rejected clips are dropped. A row without a clip id (a corpus written outside ralm) is its own clip."""
+    ids = table.column("id").to_pylist() if "id" in table.column_names else [None] * table.num_rows
+    clip_ids = [c if c is not None else i for c, i in zip(table.column("clip_id").to_pylist(), ids, strict=True)]
+    table = table.set_column(table.column_names.index("clip_id"), "clip_id", pa.array(clip_ids, pa.string()))
+    splits = table.column("split").to_pylist()
     shards = [shard_of(c, n_shards[s]) if s in n_shards else -1 for c, s in zip(clip_ids, splits, strict=True)]
     keep = [n >= 0 and c not in skip_ids and (s, n) not in skip_shards
             for c, s, n in zip(clip_ids, splits, shards, strict=True)]
@@ -89,7 +92,7 @@ def write_work_list(corpus_data: str, work_dir: str, n_shards: dict[str, int], s
         runs: list[str] = []
         chunk: list[pa.Table] = []
         rows = 0
-        for table in records.iter_tables(corpus_data, CORPUS_COLUMNS):
+        for table in records.iter_tables(corpus_data, ["id", *CORPUS_COLUMNS]):
             work = assign_shards(table, n_shards, skip_shards, skip_ids)
             chunk.append(work)
             rows += work.num_rows

@@ -108,6 +108,10 @@ def test_storage_math_and_shard_plan_are_pure_functions():
     kept = set(out.column("clip_id").to_pylist())
     assert "a" not in kept and "c" not in kept and "d" not in kept  # finished shard, other split, rejected
     assert kept <= {"b"} and out.column("shard").to_pylist() == [plan.shard_of(c, 2) for c in kept]
+    no_clip_id = table.append_column("id", pa.array(["r1", "r2", "r3", "r4"])).set_column(
+        0, "clip_id", pa.array(["a", None, None, "d"], pa.string()))
+    out = plan.assign_shards(no_clip_id, {"train": 1, "valid": 1}, set(), set())
+    assert out.column("clip_id").to_pylist() == ["a", "r2", "r3", "d"]  # a row without a clip id is its own clip
 
 
 @pytest.mark.parametrize("chunk_rows", [3, 10**6])  # spilled runs + k-way merge, and one in-memory chunk
