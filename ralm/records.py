@@ -188,14 +188,9 @@ def part_uris(dir_uri: str) -> list[str]:
 
 
 def read_table(dir_uri: str, columns: list[str] | None = None, schema: pa.Schema = RECORD_SCHEMA) -> pa.Table:
-    parts = part_uris(dir_uri)
-    if not parts:
+    tables = list(iter_tables(dir_uri, columns))
+    if not tables:
         return schema.empty_table() if columns is None else schema.empty_table().select(columns)
-    tables = []
-    for uri in parts:
-        fs, path = storage.filesystem(uri)
-        with fs.open(path, "rb") as f:
-            tables.append(pq.read_table(f, columns=columns))
     return pa.concat_tables(tables, promote_options="default")
 
 

@@ -165,7 +165,7 @@ def build_dataset(cfg: RalmConfig, work_parts: list[str]) -> Any:
     paths = [storage.filesystem(u)[1] for u in work_parts] if fs is not None else work_parts
     ds = ray.data.read_parquet(paths, filesystem=fs, file_extensions=["parquet"])
     rates = sorted({describe_encoder(s).sample_rate for s in cfg.features.encoders})
-    # Decode tasks are capped: every new worker process pays torch's import (seconds of CPU on 2 cores).
+    # Decode tasks are capped: every new worker process costs seconds of start-up CPU on 2 cores.
     # Their batches are no larger than the smallest encoder batch: Ray bundles rows per task by this size,
     # and when it fuses decode into the first actor pool (same CPU shape) one big bundle = one busy actor.
     decode_bs = min([cfg.features.decode_batch_size] + [s.batch_size for s in cfg.features.encoders])
