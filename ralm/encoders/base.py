@@ -90,7 +90,8 @@ class Encoder(ABC):
 
     # ------------------------------------------------------------------ public
     def encode(self, wavs: list[np.ndarray]) -> list[np.ndarray]:
-        """Float32 (len(layers), frames, width) per clip, frames truncated to the clip's real length."""
+        """(len(layers), frames, width) per clip, frames truncated to the clip's real length; float32, or
+        float16 from an encoder that runs in float16 (widening it would only double the bytes moved)."""
         # Split every clip into windows, run all windows as one list (batched by the subclass), regroup.
         pieces: list[np.ndarray] = []
         owners: list[int] = []
@@ -114,7 +115,7 @@ class Encoder(ABC):
         per_clip: list[list[np.ndarray]] = [[] for _ in wavs]
         for owner, out in zip(owners, outs, strict=True):
             per_clip[owner].append(out)
-        return [np.ascontiguousarray(np.concatenate(p, axis=1), dtype=np.float32) for p in per_clip]
+        return [np.ascontiguousarray(np.concatenate(p, axis=1), dtype=_out_dtype(p[0])) for p in per_clip]
 
     def num_frames(self, n_samples: int) -> int:
         """Frames `encode` returns for a clip of `n_samples` samples (chunks add up exactly)."""
@@ -153,6 +154,10 @@ class Encoder(ABC):
                 f"{valid.start}..{valid.stop - 1}"
             )
         return layers
+
+
+def _out_dtype(a: np.ndarray) -> type:
+    return np.float16 if a.dtype == np.float16 else np.float32
 
 
 def freeze(module: torch.nn.Module) -> torch.nn.Module:

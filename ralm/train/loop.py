@@ -9,12 +9,14 @@ merges every rank's files into one checkpoint folder in the run's storage.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
 import math
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -57,6 +59,29 @@ def ds_config(tc: Any, use_gpu: bool) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+@contextlib.contextmanager
+def single_process_group(backend: str = "nccl") -> Iterator[None]:
+    """A one-process torch.distributed group (rank 0 of 1, on 127.0.0.1) for a DeepSpeed engine outside
+    Ray Train: benchmarks and single-GPU checks. Under Ray Train each worker's group is Ray's."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
+           "WORLD_SIZE": "1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    dist.init_process_group(backend, rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class _Tensorboard:
