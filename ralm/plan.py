@@ -35,7 +35,8 @@ ASSUMPTIONS: dict[str, tuple[float, str, str]] = {
     "encoder_realtime_factor.default": (
         1000.0, "audio s per GPU s", "assumption for an encoder not listed below"),
     "encoder_realtime_factor.whisper": (
-        2000.0, "audio s per GPU s", "arithmetic: ~1.9 TFLOP per 30 s window of Whisper-large-v3 at ~40% of H100 bf16"),
+        1300.0, "audio s per GPU s", "measured (bench/gpu.py, H100, fp16, batch 16): Whisper-large-v3's "
+        "Encoder.encode incl. log-mel and the copy to host memory; its forward alone ran at ~4150"),
     "encoder_realtime_factor.w2v-bert": (2000.0, "audio s per GPU s", "arithmetic as for Whisper (600M params, 50 Hz)"),
     "encoder_realtime_factor.sslam": (8000.0, "audio s per GPU s", "arithmetic: ~90M-parameter ViT on fbank patches"),
     "encoder_realtime_factor.muq": (4000.0, "audio s per GPU s", "arithmetic: ~300M parameters at 25 Hz"),
