@@ -4,6 +4,7 @@ Prints one JSON line: audio-seconds per second through `ralm.features.pipeline.b
 tasks + one actor pool per encoder) and through a loop (load_audio + encoder.encode, torch on one thread,
 the single-core baseline), and `ratio` = pool / loop. Both start from nothing loaded: the pool's workers
 start, import torch and load the encoders; the loop runs in a fresh interpreter, timed from spawn to exit.
+The loop runs first and its per-encoder CPU time sizes the pools (`size_pools`; `--no-sizing`: as configured).
 Usage: python bench/features.py [--clips 400] [--seconds 3] [--pool N]   (~8 min on 2 cores)
        python bench/features.py --memory --clips 100 --seconds 1   (driver peak RSS of the stage, N vs 4N clips)
        python bench/features.py --memory --corpus runs/demo --config demo   (the demo corpus vs 4 copies of it)
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import tempfile
 import time
@@ -54,7 +56,8 @@ def _rates(progress: list[tuple[float, float]], wall: float) -> dict[str, float]
             "steady_audio_s_per_s": (s75 - s25) / max(t75 - t25, 1e-9)}
 
 
-def bench_loop(cfg, run_dir: str, t_spawn: float) -> list[tuple[float, float]]:
+def bench_loop(cfg, run_dir: str, t_spawn: float) -> dict:
+    """The loop's progress points and its CPU-seconds per encoder (its profile)."""
     import torch
 
     from ralm import records
@@ -63,18 +66,47 @@ def bench_loop(cfg, run_dir: str, t_spawn: float) -> list[tuple[float, float]]:
 
     torch.set_num_threads(1)
     encoders = [build_encoder(s) for s in cfg.features.encoders]
-    seconds, progress = 0.0, []
+    seconds, progress, cpu = 0.0, [], {"decode": 0.0, **{e.name: 0.0 for e in encoders}}
     for r in records.iter_records(records.data_uri(f"{run_dir}/corpus")):
         decoded: dict[int, np.ndarray] = {}  # decode once per rate, as the pipeline does
         for enc in encoders:
+            t = time.process_time()
             if enc.sample_rate not in decoded:
                 decoded[enc.sample_rate] = load_audio(r["audio_uri"], enc.sample_rate, r["offset_s"] or 0.0,
                                                       r["duration_s"])
+                cpu["decode"] += time.process_time() - t
+                t = time.process_time()
             wav = decoded[enc.sample_rate]
             enc.encode([wav])
+            cpu[enc.name] += time.process_time() - t
         seconds += len(wav) / encoders[-1].sample_rate
         progress.append((time.time() - t_spawn, seconds))
-    return progress
+    return {"progress": progress, "encoder_cpu_s": cpu}
+
+
+def size_pools(cfg, encoder_cpu_s: dict[str, float], cores: int, actors: int) -> dict[str, dict]:
+    """Share the cores among decoding and the encoder pools by their cost (as the loop measured it), as
+    one provisions a cluster after profiling: decode tasks get `cores x decode share` slots (at least one:
+    every slot is a worker process to start), each pool's actors reserve the remaining CPUs in proportion
+    to the encoder's share of the work and run `ceil(cores x share / actors)` torch threads. With one actor
+    per encoder on 2 cores the costlier encoder gets 2 threads, so the core the cheaper one leaves idle
+    while it waits is not wasted (measured: 2 cores, 200 x 3 s, Whisper tiny 0.33 CPU-s per clip, CREPE
+    tiny 0.39: steady 6.9 audio-s/s with 1 thread each, 7.6 with CREPE on 2)."""
+    decode_share = encoder_cpu_s.get("decode", 0.0) / (sum(encoder_cpu_s.values()) or 1.0)
+    slots = max(1, round(cores * decode_share))
+    cfg.features.decode_concurrency = slots
+    encoder_cpu_s = {k: v for k, v in encoder_cpu_s.items() if k != "decode"}
+    total = sum(encoder_cpu_s.values()) or 1.0
+    spare = max(0.5, cores - slots * cfg.features.decode_num_cpus)
+    sizes: dict[str, dict] = {"decode": {"share": round(decode_share, 3), "tasks": slots}}
+    for spec in cfg.features.encoders:
+        share = encoder_cpu_s.get(spec.name, total / len(cfg.features.encoders)) / total
+        spec.pool_min = spec.pool_max = actors
+        spec.num_cpus = round(max(0.25, spare * share / actors), 2)
+        spec.options["threads"] = max(1, math.ceil(round(cores * share / actors, 3)))
+        sizes[spec.name] = {"share": round(share, 3), "actors": actors, "num_cpus": spec.num_cpus,
+                            "threads": spec.options["threads"]}
+    return sizes
 
 
 def bench_loop_process(config: str | None, run_dir: str) -> dict[str, float]:
@@ -88,7 +120,8 @@ def bench_loop_process(config: str | None, run_dir: str) -> dict[str, float]:
     cmd = [sys.executable, os.path.abspath(__file__), "--loop-only", run_dir, "--spawned-at", repr(t_spawn)]
     out = subprocess.run(cmd + (["--config", config] if config else []), capture_output=True, text=True, check=True)
     wall = time.time() - t_spawn
-    return _rates(json.loads(out.stdout.strip().splitlines()[-1])["progress"], wall)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    return {**_rates(res["progress"], wall), "encoder_cpu_s": res["encoder_cpu_s"]}
 
 
 def bench_pool(cfg, run_dir: str) -> dict[str, float]:
@@ -176,13 +209,15 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=None,
                     help="actors per encoder pool (default: the cores shared out among the encoders, at least 1)")
     ap.add_argument("--config", default=None, help="a config whose features section to use (default: defaults)")
+    ap.add_argument("--no-sizing", action="store_true",
+                    help="keep the config's num_cpus and threads instead of sizing the pools by the loop's profile")
     ap.add_argument("--loop-only", default=None, help=argparse.SUPPRESS)  # the loop's own process (internal)
     ap.add_argument("--spawned-at", type=float, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.loop_only:
         from ralm.config import load_config
 
-        print(json.dumps({"progress": bench_loop(load_config(args.config), args.loop_only, args.spawned_at)}))
+        print(json.dumps(bench_loop(load_config(args.config), args.loop_only, args.spawned_at)))
         return
     if args.memory:
         memory_main(args.clips, args.seconds, args.corpus, args.config)
@@ -194,23 +229,27 @@ def main() -> None:
     from ralm.config import load_config
 
     cfg = load_config(args.config)
+    cores = os.cpu_count() or 1
     # One actor per core and encoder: more actors than cores only time-slice the same CPUs (measured on
     # 2 cores, 160 clips: 2 actors per pool 87.9 s, 1 per pool 81.2 s).
-    pool = args.pool or max(1, (os.cpu_count() or 1) // len(cfg.features.encoders))
-    for spec in cfg.features.encoders:
-        spec.pool_min = spec.pool_max = pool
+    pool = args.pool or max(1, cores // len(cfg.features.encoders))
     with tempfile.TemporaryDirectory() as root:
         run_dir = make_corpus(root, args.clips, args.seconds)
+        lp = bench_loop_process(args.config, run_dir)  # first: its profile sizes the pools
+        sizes = (size_pools(cfg, lp["encoder_cpu_s"], cores, pool) if not args.no_sizing else
+                 {s.name: {"actors": pool, "num_cpus": s.num_cpus} for s in cfg.features.encoders})
+        for spec in cfg.features.encoders:
+            spec.pool_min = spec.pool_max = pool
         init_ray(cfg.ray)
         ray.data.DataContext.get_current().execution_options.preserve_order = True  # as the stage runs it
         ray.data.DataContext.get_current().enable_progress_bars = False
         p = bench_pool(cfg, run_dir)
         ray.shutdown()
-        lp = bench_loop_process(args.config, run_dir)
     out = {
         "bench": "features",
         "encoders": [f"{s.name}:{s.model}:{s.layers}" for s in cfg.features.encoders],
-        "clips": args.clips, "clip_seconds": args.seconds, "actors_per_pool": pool, "cpus": os.cpu_count(),
+        "clips": args.clips, "clip_seconds": args.seconds, "actors_per_pool": pool, "cpus": cores, "pools": sizes,
+        "loop_cpu_s_per_clip": {k: round(v / args.clips, 4) for k, v in lp["encoder_cpu_s"].items()},
         "pool_audio_s_per_s": round(p["audio_s_per_s"], 3), "loop_audio_s_per_s": round(lp["audio_s_per_s"], 3),
         "pool_wall_s": round(p["wall_s"], 2), "loop_wall_s": round(lp["wall_s"], 2),
         "ratio": round(p["audio_s_per_s"] / lp["audio_s_per_s"], 3),
