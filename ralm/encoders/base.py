@@ -12,10 +12,12 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch loads where an encoder is built, not where one is only described
+    import torch
 
 from ralm.config import EncoderSpec
 
@@ -86,12 +88,16 @@ class Encoder(ABC):
         self.spec = spec
         self.name = spec.name
         self.model = spec.model
+        import torch
+
         self.device = torch.device(spec.options.get("device", "cuda" if spec.num_gpus > 0 else "cpu"))
 
     # ------------------------------------------------------------------ public
     def encode(self, wavs: list[np.ndarray]) -> list[np.ndarray]:
         """(len(layers), frames, width) per clip, frames truncated to the clip's real length; float32, or
         float16 from an encoder that runs in float16 (widening it would only double the bytes moved)."""
+        import torch
+
         # Split every clip into windows, run all windows as one list (batched by the subclass), regroup.
         pieces: list[np.ndarray] = []
         owners: list[int] = []

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import math
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    import torch
 
 from ralm.config import EncoderSpec
 from ralm.encoders.base import Encoder, EncoderInfo, feature_options, freeze, register_encoder
@@ -51,6 +53,7 @@ class CrepeEncoder(Encoder):
 
     def __init__(self, spec: EncoderSpec):
         super().__init__(spec)
+        import torch
         import torchcrepe
 
         self.capacity = _capacity(spec.model)
@@ -74,6 +77,9 @@ class CrepeEncoder(Encoder):
 
     def frames(self, wav: np.ndarray) -> torch.Tensor:
         """(ceil(n / hop), 1024) windows centred every hop, each mean-centred and scaled (as CREPE expects)."""
+        import torch
+        import torch.nn.functional as F
+
         n = max(len(wav), 1)
         count = math.ceil(round(n / self.hop, 6))
         audio = torch.from_numpy(np.array(wav, dtype=np.float32)).reshape(1, -1)  # a writable copy
@@ -95,6 +101,8 @@ class CrepeEncoder(Encoder):
         return out
 
     def _encode_window(self, wavs: list[np.ndarray]) -> list[np.ndarray]:
+        import torch
+
         results = []
         for wav in wavs:
             fr = self.frames(wav)

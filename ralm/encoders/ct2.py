@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Iterable
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # the reader and `whisper_dims` need numpy only
+    import torch
 
 _DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16, 5: "bfloat16"}
 
@@ -96,6 +98,7 @@ def whisper_dims(variables: dict[str, np.ndarray]) -> dict[str, int]:
 
 def whisper_encoder_from_ct2(model_bin: str) -> torch.nn.Module:
     """A transformers `WhisperEncoder` (float32, eval) holding the weights of a CTranslate2 Whisper model."""
+    import torch
     from transformers import WhisperConfig
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 

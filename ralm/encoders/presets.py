@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from ralm.config import EncoderSpec
 from ralm.encoders.base import Encoder, EncoderInfo, feature_options, frames_for, freeze, register_encoder
@@ -84,6 +83,8 @@ class HubEncoder(Encoder):
                            p.frame_rate, p.sample_rate, p.window_s, feature_options(spec))
 
     def _encode_window(self, wavs: list[np.ndarray]) -> list[np.ndarray]:
+        import torch
+
         if self.processor is None:  # MuQ takes raw 24 kHz audio
             lens = [len(w) for w in wavs]
             x = torch.zeros(len(wavs), max(lens))

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 from ralm.config import EncoderSpec
 from ralm.encoders.base import Encoder, EncoderInfo, feature_options, frames_for, freeze, register_encoder
@@ -85,6 +87,7 @@ class WhisperEncoder(Encoder):
 
     def __init__(self, spec: EncoderSpec):
         super().__init__(spec)
+        import torch
         from transformers import WhisperFeatureExtractor
 
         kind, where = resolve_model(spec.model)
@@ -125,6 +128,8 @@ class WhisperEncoder(Encoder):
 
     def forward_features(self, input_features: torch.Tensor) -> dict[int, torch.Tensor]:
         """Hidden states of the tapped layers for (batch, mels, 3000) log-mel input; stops at the last tap."""
+        import torch
+
         enc: Any = self.encoder
         x = input_features.to(self.device, self.dtype)
         x = torch.nn.functional.gelu(enc.conv1(x))
@@ -145,6 +150,8 @@ class WhisperEncoder(Encoder):
         return self._run(self.log_mel(wavs), wavs)
 
     def _run(self, mel: torch.Tensor, wavs: list[np.ndarray]) -> list[np.ndarray]:
+        import torch
+
         states = self.forward_features(mel)
         frames = [frames_for(len(w) / SAMPLE_RATE, FRAME_RATE) for w in wavs]
         # Cut to the longest clip and leave fp16 as it is before the copy to host memory: on a GPU that
