@@ -101,7 +101,6 @@ def size_pools(cfg, encoder_cpu_s: dict[str, float], cores: int, actors: int) ->
     sizes: dict[str, dict] = {"decode": {"share": round(decode_share, 3), "tasks": slots}}
     for spec in cfg.features.encoders:
         share = encoder_cpu_s.get(spec.name, total / len(cfg.features.encoders)) / total
-        spec.pool_min = spec.pool_max = actors
         spec.num_cpus = round(max(0.25, spare * share / actors), 2)
         spec.options["threads"] = max(1, math.ceil(round(cores * share / actors, 3)))
         sizes[spec.name] = {"share": round(share, 3), "actors": actors, "num_cpus": spec.num_cpus,
@@ -238,7 +237,7 @@ def main() -> None:
         lp = bench_loop_process(args.config, run_dir)  # first: its profile sizes the pools
         sizes = (size_pools(cfg, lp["encoder_cpu_s"], cores, pool) if not args.no_sizing else
                  {s.name: {"actors": pool, "num_cpus": s.num_cpus} for s in cfg.features.encoders})
-        for spec in cfg.features.encoders:
+        for spec in cfg.features.encoders:  # sized or not, `pool` actors per encoder
             spec.pool_min = spec.pool_max = pool
         init_ray(cfg.ray)
         ray.data.DataContext.get_current().execution_options.preserve_order = True  # as the stage runs it
