@@ -84,14 +84,17 @@ def bench_loop(cfg, run_dir: str, t_spawn: float) -> dict:
     return {"progress": progress, "encoder_cpu_s": cpu}
 
 
-def size_pools(cfg, encoder_cpu_s: dict[str, float], cores: int, actors: int) -> dict[str, dict]:
+def size_pools(cfg, encoder_cpu_s: dict[str, float], cores: int, actors: int, shared: bool,
+               concurrent: int = 1) -> dict[str, dict]:
     """Share the cores among decoding and the encoder pools by their cost (as the loop measured it), as
     one provisions a cluster after profiling: decode tasks get `cores x decode share` slots (at least one:
-    every slot is a worker process to start), each pool's actors reserve the remaining CPUs in proportion
-    to the encoder's share of the work and run `ceil(cores x share / actors)` torch threads. With one actor
-    per encoder on 2 cores the costlier encoder gets 2 threads, so the core the cheaper one leaves idle
-    while it waits is not wasted (measured: 2 cores, 200 x 3 s, Whisper tiny 0.33 CPU-s per clip, CREPE
-    tiny 0.39: steady 6.9 audio-s/s with 1 thread each, 7.6 with CREPE on 2)."""
+    every slot is a worker process to start), the actors reserve the remaining CPUs. Per-encoder pools
+    split them in proportion to each encoder's share of the work and run `ceil(cores x share / actors)`
+    torch threads: with one actor per encoder on 2 cores the costlier encoder gets 2 threads, so the core
+    the cheaper one leaves idle while it waits is not wasted (measured: 2 cores, 200 x 3 s, Whisper tiny
+    0.33 CPU-s per clip, CREPE tiny 0.39: steady 6.9 audio-s/s with 1 thread each, 7.6 with CREPE on 2).
+    A shared pool's actors each run every encoder, `concurrent` batches at once: an equal share and
+    `ceil(cores / (actors x concurrent))` threads per batch."""
     decode_share = encoder_cpu_s.get("decode", 0.0) / (sum(encoder_cpu_s.values()) or 1.0)
     slots = max(1, round(cores * decode_share))
     cfg.features.decode_concurrency = slots
@@ -100,11 +103,11 @@ def size_pools(cfg, encoder_cpu_s: dict[str, float], cores: int, actors: int) ->
     spare = max(0.5, cores - slots * cfg.features.decode_num_cpus)
     sizes: dict[str, dict] = {"decode": {"share": round(decode_share, 3), "tasks": slots}}
     for spec in cfg.features.encoders:
-        share = encoder_cpu_s.get(spec.name, total / len(cfg.features.encoders)) / total
+        share = 1.0 if shared else encoder_cpu_s.get(spec.name, total / len(cfg.features.encoders)) / total
         spec.num_cpus = round(max(0.25, spare * share / actors), 2)
-        spec.options["threads"] = max(1, math.ceil(round(cores * share / actors, 3)))
-        sizes[spec.name] = {"share": round(share, 3), "actors": actors, "num_cpus": spec.num_cpus,
-                            "threads": spec.options["threads"]}
+        spec.options["threads"] = max(1, math.ceil(round(cores * share / (actors * concurrent), 3)))
+        sizes[spec.pool or spec.name] = {"share": round(share, 3), "actors": actors, "concurrent_batches": concurrent,
+                                         "num_cpus": spec.num_cpus, "threads": spec.options["threads"]}
     return sizes
 
 
@@ -206,8 +209,12 @@ def main() -> None:
     ap.add_argument("--clips", type=int, default=400)  # 20 min of audio: start-up is a fixed cost, not the figure
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--pool", type=int, default=None,
-                    help="actors per encoder pool (default: the cores shared out among the encoders, at least 1)")
+                    help="actors per pool (default: shared 1, running cores / actors batches at once; per-encoder: "
+                    "the cores shared out among the encoders, at least 1)")
     ap.add_argument("--config", default=None, help="a config whose features section to use (default: defaults)")
+    ap.add_argument("--layout", choices=["shared", "per-encoder"], default="shared",
+                    help="shared (default): one pool, one actor per node running every encoder on `cores` batches "
+                    "at once; per-encoder: a pool per encoder, one actor per core and encoder")
     ap.add_argument("--no-sizing", action="store_true",
                     help="keep the config's num_cpus and threads instead of sizing the pools by the loop's profile")
     ap.add_argument("--loop-only", default=None, help=argparse.SUPPRESS)  # the loop's own process (internal)
@@ -231,12 +238,18 @@ def main() -> None:
     cores = os.cpu_count() or 1
     # One actor per core and encoder: more actors than cores only time-slice the same CPUs (measured on
     # 2 cores, 160 clips: 2 actors per pool 87.9 s, 1 per pool 81.2 s).
-    pool = args.pool or max(1, cores // len(cfg.features.encoders))
+    shared = args.layout == "shared"
+    # Shared: one actor runs every encoder on `cores` batches at once (threads of one process: the imports
+    # and models once, not once per core). Per encoder: one single-batch actor per core and encoder.
+    pool = args.pool or (1 if shared else max(1, cores // len(cfg.features.encoders)))
+    concurrent = max(1, cores // pool) if shared else 1
+    for spec in cfg.features.encoders:
+        spec.pool, spec.concurrent_batches = ("shared" if shared else None), concurrent
     with tempfile.TemporaryDirectory() as root:
         run_dir = make_corpus(root, args.clips, args.seconds)
         lp = bench_loop_process(args.config, run_dir)  # first: its profile sizes the pools
-        sizes = (size_pools(cfg, lp["encoder_cpu_s"], cores, pool) if not args.no_sizing else
-                 {s.name: {"actors": pool, "num_cpus": s.num_cpus} for s in cfg.features.encoders})
+        sizes = (size_pools(cfg, lp["encoder_cpu_s"], cores, pool, shared, concurrent) if not args.no_sizing else
+                 {s.pool or s.name: {"actors": pool, "num_cpus": s.num_cpus} for s in cfg.features.encoders})
         for spec in cfg.features.encoders:  # sized or not, `pool` actors per encoder
             spec.pool_min = spec.pool_max = pool
         init_ray(cfg.ray)
@@ -247,7 +260,7 @@ def main() -> None:
     out = {
         "bench": "features",
         "encoders": [f"{s.name}:{s.model}:{s.layers}" for s in cfg.features.encoders],
-        "clips": args.clips, "clip_seconds": args.seconds, "actors_per_pool": pool, "cpus": cores, "pools": sizes,
+        "clips": args.clips, "clip_seconds": args.seconds, "layout": args.layout, "actors_per_pool": pool, "cpus": cores, "pools": sizes,
         "loop_cpu_s_per_clip": {k: round(v / args.clips, 4) for k, v in lp["encoder_cpu_s"].items()},
         "pool_audio_s_per_s": round(p["audio_s_per_s"], 3), "loop_audio_s_per_s": round(lp["audio_s_per_s"], 3),
         "pool_wall_s": round(p["wall_s"], 2), "loop_wall_s": round(lp["wall_s"], 2),

@@ -76,6 +76,10 @@ def _local_ray_env(dashboard: bool) -> dict[str, str]:
     """Background work a local Ray can skip. On 2 cores every idle helper process counts: measured with
     bench/train.py, the Ray Train run went from 5.9 to 6.2 samples/s without these (plain loop: 6.9)."""
     env = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}  # watches spot-node draining; a laptop has none
+    # Ray Data's read_parquet starts 32 FooterReader actors (a worker process each) to read footers over a
+    # network; local files need one. Measured on 2 cores: 6-7 of them started before the read killed them,
+    # ~1.4 CPU-s each, the encoder actors' start-up 5 s later.
+    env["RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"] = "1"
     if not dashboard:
         env["RAY_enable_metrics_collection"] = "0"  # Prometheus metrics nobody reads without the dashboard
     return env

@@ -195,6 +195,19 @@ class EncoderSpec(Section):
     pool_max: int = Field(2, ge=1)
     num_cpus: float = Field(0.5, ge=0)
     num_gpus: float = Field(0.0, ge=0)
+    concurrent_batches: int = Field(
+        1, ge=1,
+        description="Batches one actor encodes at once, each on its own thread (torch releases the GIL in its "
+        "kernels; set options.threads to 1). On a CPU node one actor with N concurrent batches does the work "
+        "of N actors with one process start-up and one copy of the models",
+    )
+    pool: str | None = Field(
+        None,
+        description="Encoders naming the same pool share one actor pool: each actor loads all of them and "
+        "runs each in turn on every batch (small encoders on one GPU; CPU nodes, where a pool per encoder "
+        "leaves cores idle while the slower one catches up). The shared pool takes its members' largest "
+        "pool_min/pool_max/num_cpus/num_gpus/threads and smallest batch_size. None: the encoder's own pool",
+    )
     options: dict[str, Any] = Field(default_factory=dict)
 
 

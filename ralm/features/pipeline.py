@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -110,41 +111,101 @@ def _objects(items: list[Any]) -> np.ndarray:
     return arr
 
 
-class EncoderActor:
-    """One actor of an encoder's pool: loads the frozen encoder once, encodes the batches it is given."""
+@dataclass(frozen=True)
+class EncoderPool:
+    """One Ray Data actor pool: the encoders its actors load (one, or several sharing a `pool` name) and
+    the pool's shape, taken from its members (largest sizes and resources, smallest batch)."""
 
-    def __init__(self, spec: dict[str, Any], dtype: str):
+    name: str
+    specs: tuple[EncoderSpec, ...]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        lo = max(s.pool_min for s in self.specs)
+        return lo, max(lo, *(s.pool_max for s in self.specs))
+
+    @property
+    def batch_size(self) -> int:
+        return min(s.batch_size for s in self.specs)
+
+    @property
+    def num_cpus(self) -> float:
+        return max(s.num_cpus for s in self.specs)
+
+    @property
+    def num_gpus(self) -> float:
+        return max(s.num_gpus for s in self.specs)
+
+    @property
+    def concurrent_batches(self) -> int:
+        return max(s.concurrent_batches for s in self.specs)
+
+    @property
+    def threads(self) -> int:
+        # torch threads per concurrent batch: the actor's CPUs shared among its batches unless set
+        return max(int(s.options.get("threads", max(1, int(s.num_cpus / s.concurrent_batches)))) for s in self.specs)
+
+
+def encoder_pools(specs: list[EncoderSpec]) -> list[EncoderPool]:
+    """The encoders grouped into actor pools by `pool` name (default: each its own), in config order."""
+    groups: dict[str, list[EncoderSpec]] = {}
+    for s in specs:
+        groups.setdefault(s.pool or s.name, []).append(s)
+    return [EncoderPool(name, tuple(members)) for name, members in groups.items()]
+
+
+def _actor_pool_strategy(pool: EncoderPool) -> Any:
+    import ray
+
+    lo, hi = pool.size
+    if pool.concurrent_batches == 1:
+        return ray.data.ActorPoolStrategy(min_size=lo, max_size=hi)
+    # Several batches at once on one actor's threads: torch releases the GIL inside its kernels.
+    return ray.data.ActorPoolStrategy(min_size=lo, max_size=hi, max_concurrent_calls_per_actor=pool.concurrent_batches,
+                                      enable_true_multi_threading=True)
+
+
+class EncoderActor:
+    """One actor of an encoder pool: loads its frozen encoder(s) once, encodes the batches it is given
+    with each in turn."""
+
+    def __init__(self, specs: list[dict[str, Any]], dtype: str, threads: int, drop: list[str] | None = None):
         import torch
 
         from ralm.encoders import build_encoder
 
-        self.spec = EncoderSpec.model_validate(spec)
-        threads = int(self.spec.options.get("threads", max(1, int(self.spec.num_cpus))))
         torch.set_num_threads(threads)
-        self.encoder = build_encoder(self.spec)
+        self.encoders = [build_encoder(EncoderSpec.model_validate(s)) for s in specs]
         self.dtype = np.dtype(dtype)
-        self.column = f"wav_{self.encoder.sample_rate}"
+        self.drop = list(drop or [])  # the last pool drops the waveforms: no extra Ray Data operator for it
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for encoder in self.encoders:
+            self._encode(encoder, batch)
+        for column in self.drop:
+            batch.pop(column, None)
+        return batch
+
+    def _encode(self, encoder: Any, batch: dict[str, np.ndarray]) -> None:
+        column = f"wav_{encoder.sample_rate}"
         errors = list(batch["error"])
         details = list(batch["detail"])
         feats: list[np.ndarray] = [np.zeros((1, 1, 1), dtype=self.dtype)] * len(errors)
         ok = [i for i, e in enumerate(errors) if not e]
         try:
-            outs = self.encoder.encode([batch[self.column][i] for i in ok])
+            outs = encoder.encode([batch[column][i] for i in ok])
             for i, o in zip(ok, outs, strict=True):
                 feats[i] = o.astype(self.dtype)
         except Exception:  # find the clip that fails; the others still get encoded
             for i in ok:
                 try:
-                    feats[i] = self.encoder.encode([batch[self.column][i]])[0].astype(self.dtype)
+                    feats[i] = encoder.encode([batch[column][i]])[0].astype(self.dtype)
                 except Exception as e:
                     errors[i] = "encode_error"
-                    details[i] = f"{self.spec.name}: {type(e).__name__}: {e}"
-        batch[f"feat__{self.spec.name}"] = _objects(feats)
+                    details[i] = f"{encoder.name}: {type(e).__name__}: {e}"
+        batch[f"feat__{encoder.name}"] = _objects(feats)
         batch["error"] = np.array(errors, dtype=object)
         batch["detail"] = np.array(details, dtype=object)
-        return batch
 
 
 def _arrow_filesystem(uri: str) -> Any:
@@ -175,14 +236,17 @@ def build_dataset(cfg: RalmConfig, work_parts: list[str]) -> Any:
     ds = ds.map_batches(decode_batch, fn_kwargs={"sample_rates": rates}, batch_format="numpy",
                         batch_size=decode_bs, num_cpus=cfg.features.decode_num_cpus,
                         compute=ray.data.TaskPoolStrategy(size=cfg.features.decode_concurrency))
-    for spec in cfg.features.encoders:
+    pools = encoder_pools(cfg.features.encoders)
+    for k, pool in enumerate(pools):
         ds = ds.map_batches(
             EncoderActor,
-            fn_constructor_kwargs={"spec": spec.model_dump(mode="json"), "dtype": cfg.shards.dtype},
-            compute=ray.data.ActorPoolStrategy(min_size=spec.pool_min, max_size=max(spec.pool_min, spec.pool_max)),
-            batch_size=spec.batch_size, batch_format="numpy", num_cpus=spec.num_cpus, num_gpus=spec.num_gpus,
+            fn_constructor_kwargs={"specs": [s.model_dump(mode="json") for s in pool.specs],
+                                   "dtype": cfg.shards.dtype, "threads": pool.threads,
+                                   "drop": [f"wav_{sr}" for sr in rates] if k == len(pools) - 1 else []},
+            compute=_actor_pool_strategy(pool),
+            batch_size=pool.batch_size, batch_format="numpy", num_cpus=pool.num_cpus, num_gpus=pool.num_gpus,
         )
-    return ds.drop_columns([f"wav_{sr}" for sr in rates])
+    return ds
 
 
 # ---------------------------------------------------------------------------------------------- stage
@@ -234,7 +298,8 @@ def run(cfg: RalmConfig, run_dir: str) -> str:
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # shards complete one after another, in order
         ds = build_dataset(cfg, work)
-        pools = ", ".join(f"{s.name} x{s.pool_min}-{max(s.pool_min, s.pool_max)}" for s in cfg.features.encoders)
+        pools = ", ".join(f"{'+'.join(s.name for s in p.specs)} x{p.size[0]}-{p.size[1]}"
+                          for p in encoder_pools(cfg.features.encoders))
         # The bar stays at 0 while the actors import torch and load their encoders (seconds to minutes).
         print(f"[features] starting the encoder actor pools ({pools}); clips flow once their models are loaded")
         counts = _write_shards(ds, shards_dir, index_dir, rejects_dir, enc_meta, cfg.shards.dtype, stage,

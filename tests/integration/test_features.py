@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +180,45 @@ def test_shards_to_s3_read_back_identical(local_run, s3_bucket, s3_server, tmp_p
     import webdataset as wds
 
     assert len(list(wds.WebDataset(remote, shardshuffle=False))) == len(got)
+
+
+def _actor_classes() -> list[str]:
+    import ray._private.state  # the GCS actor table (the state API needs the dashboard, off in tests)
+
+    return [a["ActorClassName"] for a in ray._private.state.actors().values()]
+
+
+def test_one_shared_pool_with_concurrent_batches_writes_the_same_shards(local_run, tmp_path):
+    """Both encoders in one pool, one actor encoding two batches at once on two threads: the same bytes as a
+    pool per encoder, and the local Ray reads the work list with one FooterReader actor, not Ray Data's 32."""
+    import shutil
+
+    run_dir, stage = local_run
+    run2 = str(tmp_path / "run")
+    shutil.copytree(f"{run_dir}/corpus", f"{run2}/corpus")
+    cfg = _cfg()
+    for spec in cfg.features.encoders:
+        spec.pool, spec.pool_min, spec.pool_max, spec.concurrent_batches = "cpu", 1, 1, 2
+    before = _actor_classes()
+    pipeline.run(cfg, run2)
+    new = Counter(_actor_classes()) - Counter(before)
+    assert new["MapWorker(MapBatches(EncoderActor))"] == 1 and new["FooterReader"] <= 1, new
+    assert _bytes(sh.list_shards(f"{run2}/features")) == _bytes(sh.list_shards(stage))
+    assert [(r["id"], r["reason"]) for r in records.read_rejects(f"{run2}/features")] == [("corrupt", "corrupt")]
+
+
+def test_encoder_pools_group_by_pool_name():
+    from ralm.config import EncoderSpec
+
+    specs = [EncoderSpec(name="a", model="m", batch_size=8, pool_max=3, num_cpus=1, pool="p"),
+             EncoderSpec(name="b", model="m", batch_size=4, num_gpus=0.5, concurrent_batches=2, pool="p"),
+             EncoderSpec(name="c", model="m", num_cpus=2)]
+    pools = pipeline.encoder_pools(specs)
+    assert [(p.name, [s.name for s in p.specs]) for p in pools] == [("p", ["a", "b"]), ("c", ["c"])]
+    shared, alone = pools
+    assert (shared.size, shared.batch_size, shared.num_cpus, shared.num_gpus, shared.concurrent_batches) == (
+        (1, 3), 4, 1, 0.5, 2)
+    assert shared.threads == 1 and alone.threads == 2  # the actor's CPUs over its concurrent batches
 
 
 def test_decode_tasks_do_not_import_torch(tmp_path):
