@@ -1,11 +1,12 @@
 """Feature-extraction throughput: Ray Data actor pools vs a plain single-process loop, same clips, same run.
 
 Prints one JSON line: audio-seconds per second through `ralm.features.pipeline.build_dataset` (decode
-tasks + one actor pool per encoder) and through a loop (load_audio + encoder.encode, torch on one thread,
+tasks + the encoder actor pool(s): by default one actor running every encoder on `cores` batches at once,
+`--layout per-encoder` for a pool per encoder) and through a loop (load_audio + encoder.encode, torch on one thread,
 the single-core baseline), and `ratio` = pool / loop. Both start from nothing loaded: the pool's workers
 start, import torch and load the encoders; the loop runs in a fresh interpreter, timed from spawn to exit.
 The loop runs first and its per-encoder CPU time sizes the pools (`size_pools`; `--no-sizing`: as configured).
-Usage: python bench/features.py [--clips 400] [--seconds 3] [--pool N]   (~8 min on 2 cores)
+Usage: python bench/features.py [--clips 400] [--seconds 3] [--layout shared|per-encoder] [--pool N]   (~8 min on 2 cores)
        python bench/features.py --memory --clips 100 --seconds 1   (driver peak RSS of the stage, N vs 4N clips)
        python bench/features.py --memory --corpus runs/demo --config demo   (the demo corpus vs 4 copies of it)
 """
