@@ -251,7 +251,7 @@ def main() -> None:
         lp = bench_loop_process(args.config, run_dir)  # first: its profile sizes the pools
         sizes = (size_pools(cfg, lp["encoder_cpu_s"], cores, pool, shared, concurrent) if not args.no_sizing else
                  {s.pool or s.name: {"actors": pool, "num_cpus": s.num_cpus} for s in cfg.features.encoders})
-        for spec in cfg.features.encoders:  # sized or not, `pool` actors per encoder
+        for spec in cfg.features.encoders:  # sized or not, `pool` actors per pool
             spec.pool_min = spec.pool_max = pool
         init_ray(cfg.ray)
         ray.data.DataContext.get_current().execution_options.preserve_order = True  # as the stage runs it
