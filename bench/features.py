@@ -6,7 +6,10 @@ tasks + the encoder actor pool(s): by default one actor running every encoder on
 the single-core baseline), and `ratio` = pool / loop. Both start from nothing loaded: the pool's workers
 start, import torch and load the encoders; the loop runs in a fresh interpreter, timed from spawn to exit.
 The loop runs first and its per-encoder CPU time sizes the pools (`size_pools`; `--no-sizing`: as configured).
-Usage: python bench/features.py [--clips 400] [--seconds 3] [--layout shared|per-encoder] [--pool N]   (~8 min on 2 cores)
+`--ceiling` adds one plain loop process per core over a split of the same clips, no Ray: the ratio the
+cores themselves allow (`ceiling_ratio`) and the share of it the pool keeps (`pool_of_ceiling`).
+Usage: python bench/features.py [--clips 400] [--seconds 3] [--layout shared|per-encoder] [--pool N] [--ceiling]
+       (~8-12 min on 2 cores; --ceiling adds about half the loop's time)
        python bench/features.py --memory --clips 100 --seconds 1   (driver peak RSS of the stage, N vs 4N clips)
        python bench/features.py --memory --corpus runs/demo --config demo   (the demo corpus vs 4 copies of it)
 """
@@ -112,19 +115,51 @@ def size_pools(cfg, encoder_cpu_s: dict[str, float], cores: int, actors: int, sh
     return sizes
 
 
-def bench_loop_process(config: str | None, run_dir: str) -> dict[str, float]:
-    """The loop as a plain script runs it: a fresh interpreter that imports torch, loads the encoders and
-    encodes every clip, timed from spawn to exit, as the pool's time includes its workers starting,
-    importing and loading."""
+def bench_loop_processes(config: str | None, run_dirs: list[str]) -> dict[str, float]:
+    """Plain loops as a script runs them: one fresh interpreter per run dir, all spawned at once, each
+    importing torch, loading the encoders and encoding its clips, timed from spawn to the last exit (the
+    pool's time includes its workers starting, importing and loading too). One run dir: the baseline; one
+    per core over a split of the clips: what the cores give with no framework at all (`--ceiling`)."""
     import subprocess
     import sys
 
     t_spawn = time.time()
-    cmd = [sys.executable, os.path.abspath(__file__), "--loop-only", run_dir, "--spawned-at", repr(t_spawn)]
-    out = subprocess.run(cmd + (["--config", config] if config else []), capture_output=True, text=True, check=True)
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--loop-only", d, "--spawned-at",
+                               repr(t_spawn)] + (["--config", config] if config else []),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for d in run_dirs]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate()
+        if proc.returncode:
+            raise RuntimeError(f"loop process failed (exit {proc.returncode}):\n{err[-2000:]}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
     wall = time.time() - t_spawn
-    res = json.loads(out.stdout.strip().splitlines()[-1])
-    return {**_rates(res["progress"], wall), "encoder_cpu_s": res["encoder_cpu_s"]}
+    # One progress line over all processes: each clip's audio at the time it was done.
+    done = sorted((t, s - prev) for r in results for (t, s), prev in
+                  zip(r["progress"], [0.0] + [s for _, s in r["progress"][:-1]], strict=True))
+    progress, total = [], 0.0
+    for t, s in done:
+        total += s
+        progress.append((t, total))
+    cpu: dict[str, float] = {}
+    for r in results:
+        for k, v in r["encoder_cpu_s"].items():
+            cpu[k] = cpu.get(k, 0.0) + v
+    return {**_rates(progress, wall), "encoder_cpu_s": cpu}
+
+
+def split_corpus(src_run: str, root: str, parts: int) -> list[str]:
+    """`parts` run dirs whose corpora deal out `src_run`'s clips in turn (same ids, same audio files)."""
+    from ralm import records
+
+    rows = list(records.iter_records(records.data_uri(f"{src_run}/corpus")))
+    run_dirs = []
+    for k in range(parts):
+        run_dir = os.path.join(root, f"split{k}")
+        with records.PartWriter(records.data_uri(f"{run_dir}/corpus"), part_rows=256) as w:
+            w.extend(rows[k::parts])
+        run_dirs.append(run_dir)
+    return run_dirs
 
 
 def bench_pool(cfg, run_dir: str) -> dict[str, float]:
@@ -216,6 +251,9 @@ def main() -> None:
     ap.add_argument("--layout", choices=["shared", "per-encoder"], default="shared",
                     help="shared (default): one pool, one actor per node running every encoder on `cores` batches "
                     "at once; per-encoder: a pool per encoder, one actor per core and encoder")
+    ap.add_argument("--ceiling", action="store_true",
+                    help="also run one plain loop process per core over a split of the clips (no Ray): the ratio the "
+                    "cores allow with no framework, and the share of it the pool keeps")
     ap.add_argument("--no-sizing", action="store_true",
                     help="keep the config's num_cpus and threads instead of sizing the pools by the loop's profile")
     ap.add_argument("--loop-only", default=None, help=argparse.SUPPRESS)  # the loop's own process (internal)
@@ -248,7 +286,9 @@ def main() -> None:
         spec.pool, spec.concurrent_batches = ("shared" if shared else None), concurrent
     with tempfile.TemporaryDirectory() as root:
         run_dir = make_corpus(root, args.clips, args.seconds)
-        lp = bench_loop_process(args.config, run_dir)  # first: its profile sizes the pools
+        lp = bench_loop_processes(args.config, [run_dir])  # first: its profile sizes the pools
+        # The hardware's own ceiling: one plain loop per core, no Ray (opt-in: ~half the loop's time).
+        cp = bench_loop_processes(args.config, split_corpus(run_dir, root, cores)) if args.ceiling else None
         sizes = (size_pools(cfg, lp["encoder_cpu_s"], cores, pool, shared, concurrent) if not args.no_sizing else
                  {s.pool or s.name: {"actors": pool, "num_cpus": s.num_cpus} for s in cfg.features.encoders})
         for spec in cfg.features.encoders:  # sized or not, `pool` actors per pool
@@ -274,7 +314,14 @@ def main() -> None:
         "ratio_steady": round(p["steady_audio_s_per_s"] / lp["steady_audio_s_per_s"], 3),
         "load_average_1m": round(os.getloadavg()[0], 2),
     }
-    assert abs(p["audio_s"] - lp["audio_s"]) < 1e-3 * max(1.0, lp["audio_s"]), (p["audio_s"], lp["audio_s"])
+    if cp is not None:  # how much of what the cores give without a framework the pool keeps
+        out.update({"ceiling_processes": cores, "ceiling_audio_s_per_s": round(cp["audio_s_per_s"], 3),
+                    "ceiling_ratio": round(cp["audio_s_per_s"] / lp["audio_s_per_s"], 3),
+                    "pool_of_ceiling": round(p["audio_s_per_s"] / cp["audio_s_per_s"], 3),
+                    "ceiling_ratio_steady": round(cp["steady_audio_s_per_s"] / lp["steady_audio_s_per_s"], 3),
+                    "pool_of_ceiling_steady": round(p["steady_audio_s_per_s"] / cp["steady_audio_s_per_s"], 3)})
+    for other in (p, cp) if cp is not None else (p,):  # every path encoded the same clips
+        assert abs(other["audio_s"] - lp["audio_s"]) < 1e-3 * max(1.0, lp["audio_s"]), (other["audio_s"], lp["audio_s"])
     print(json.dumps(out))
 
 

@@ -158,11 +158,10 @@ def _actor_pool_strategy(pool: EncoderPool) -> Any:
     import ray
 
     lo, hi = pool.size
-    if pool.concurrent_batches == 1:
-        return ray.data.ActorPoolStrategy(min_size=lo, max_size=hi)
     # Several batches at once on one actor's threads: torch releases the GIL inside its kernels.
-    return ray.data.ActorPoolStrategy(min_size=lo, max_size=hi, max_concurrent_calls_per_actor=pool.concurrent_batches,
-                                      enable_true_multi_threading=True)
+    threaded = ({"max_concurrent_calls_per_actor": pool.concurrent_batches, "enable_true_multi_threading": True}
+                if pool.concurrent_batches > 1 else {})
+    return ray.data.ActorPoolStrategy(min_size=lo, max_size=hi, **threaded)
 
 
 class EncoderActor:
