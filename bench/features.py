@@ -27,6 +27,21 @@ import numpy as np
 import soundfile as sf
 
 
+def corpus_rows(run_dir: str) -> list[dict]:
+    from ralm import records
+
+    return list(records.iter_records(records.data_uri(f"{run_dir}/corpus")))
+
+
+def write_corpus(run_dir: str, rows, part_rows: int = 256) -> str:
+    """Write `rows` (any iterable of records) as `run_dir`'s corpus; returns `run_dir`."""
+    from ralm import records
+
+    with records.PartWriter(records.data_uri(f"{run_dir}/corpus"), part_rows=part_rows) as w:
+        w.extend(rows)
+    return run_dir
+
+
 def make_corpus(root: str, clips: int, seconds: float) -> str:
     from ralm import records
 
@@ -40,10 +55,7 @@ def make_corpus(root: str, clips: int, seconds: float) -> str:
         sf.write(path, wav.astype(np.float32), sr)
         rows.append(records.make_record(id=f"c{i:04d}", clip_id=f"c{i:04d}", source="bench", split="train",
                                         audio_uri=path, offset_s=0.0, duration_s=seconds, sample_rate=sr))
-    run_dir = os.path.join(root, "run")
-    with records.PartWriter(records.data_uri(f"{run_dir}/corpus"), part_rows=16) as w:
-        w.extend(rows)
-    return run_dir
+    return write_corpus(os.path.join(root, "run"), rows, part_rows=16)
 
 
 def _rates(progress: list[tuple[float, float]], wall: float) -> dict[str, float]:
@@ -150,16 +162,8 @@ def bench_loop_processes(config: str | None, run_dirs: list[str]) -> dict[str, f
 
 def split_corpus(src_run: str, root: str, parts: int) -> list[str]:
     """`parts` run dirs whose corpora deal out `src_run`'s clips in turn (same ids, same audio files)."""
-    from ralm import records
-
-    rows = list(records.iter_records(records.data_uri(f"{src_run}/corpus")))
-    run_dirs = []
-    for k in range(parts):
-        run_dir = os.path.join(root, f"split{k}")
-        with records.PartWriter(records.data_uri(f"{run_dir}/corpus"), part_rows=256) as w:
-            w.extend(rows[k::parts])
-        run_dirs.append(run_dir)
-    return run_dirs
+    rows = corpus_rows(src_run)
+    return [write_corpus(os.path.join(root, f"split{k}"), rows[k::parts]) for k in range(parts)]
 
 
 def bench_pool(cfg, run_dir: str) -> dict[str, float]:
@@ -182,13 +186,9 @@ def bench_pool(cfg, run_dir: str) -> dict[str, float]:
 def replicate_corpus(src_run: str, root: str, copies: int) -> tuple[str, int]:
     """A run dir whose corpus is `copies` copies of `src_run`'s corpus (new ids, same audio files), and
     its clip count."""
-    from ralm import records
-
-    rows = list(records.iter_records(records.data_uri(f"{src_run}/corpus")))
-    run_dir = os.path.join(root, "run")
-    with records.PartWriter(records.data_uri(f"{run_dir}/corpus"), part_rows=256) as w:
-        for k in range(copies):
-            w.extend({**r, "id": f"{r['id']}x{k}", "clip_id": f"{r['clip_id'] or r['id']}x{k}"} for r in rows)
+    rows = corpus_rows(src_run)
+    run_dir = write_corpus(os.path.join(root, "run"), ({**r, "id": f"{r['id']}x{k}", "clip_id": f"{r['clip_id'] or r['id']}x{k}"}
+                                                       for k in range(copies) for r in rows))
     return run_dir, copies * len(rows)
 
 
@@ -320,7 +320,7 @@ def main() -> None:
                     "pool_of_ceiling": round(p["audio_s_per_s"] / cp["audio_s_per_s"], 3),
                     "ceiling_ratio_steady": round(cp["steady_audio_s_per_s"] / lp["steady_audio_s_per_s"], 3),
                     "pool_of_ceiling_steady": round(p["steady_audio_s_per_s"] / cp["steady_audio_s_per_s"], 3)})
-    for other in (p, cp) if cp is not None else (p,):  # every path encoded the same clips
+    for other in [r for r in (p, cp) if r is not None]:  # every path encoded the same clips
         assert abs(other["audio_s"] - lp["audio_s"]) < 1e-3 * max(1.0, lp["audio_s"]), (other["audio_s"], lp["audio_s"])
     print(json.dumps(out))
 
