@@ -12,6 +12,7 @@ from collections import Counter
 from typing import Any
 
 from ralm import records, storage
+from ralm.eval.significance import format_gap
 from ralm.pipeline import ORDER
 
 
@@ -35,6 +36,12 @@ def collect(run_dir: str) -> dict[str, Any]:
 
 def _pct(x: Any) -> str:
     return "—" if x is None else f"{100 * float(x):.1f}%"
+
+
+def _gaps(vs: dict[str, Any]) -> str:
+    """The eval's paired gap to each control with its uncertainty (reports before it had none: "")."""
+    return "".join(f" Real minus {name} audio: " + format_gap(c["delta"], c["ci95"], c["mcnemar_p"], (
+        c["audio_right_control_wrong"], c["audio_wrong_control_right"])) + "." for name, c in vs.items())
 
 
 def _plots(data: dict[str, Any], out_dir: str) -> dict[str, str]:
@@ -187,7 +194,8 @@ def render(data: dict[str, Any], images: dict[str, str]) -> str:
         out += ["## Evaluation", "", f"Held-out {ev.get('benchmark')}: {ev.get('items')} items. Accuracy "
                 f"{_pct(ev['overall'])} with the real audio; "
                 + ", ".join(f"{_pct(v)} with {k} audio" for k, v in controls.items())
-                + f"; chance {_pct(ev.get('chance'))}; unparsed {_pct(ev.get('unparsed_rate'))}.", ""]
+                + f"; chance {_pct(ev.get('chance'))}; unparsed {_pct(ev.get('unparsed_rate'))}."
+                + _gaps(ev.get("vs_controls") or {}), ""]
         if ev.get("by_domain"):
             out += ["| domain | accuracy | chance |", "|---|---|---|"]
             out += [f"| {d} | {_pct(v.get('accuracy'))} | {_pct(v.get('chance'))} |" for d, v in ev["by_domain"].items()]

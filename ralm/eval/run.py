@@ -8,7 +8,8 @@
    skips what is committed, and a changed setting (data, adapters, prompt...) gets a fresh folder.
 3. Scoring follows the benchmark's official rule; unparsed replies count as wrong and are reported.
 4. Writes `eval/report.json` + `eval/report.md` (overall, per domain/category/difficulty, each control,
-   chance, unparsed rate, the text-preservation check), `eval/<benchmark>.report.json`, and the official
+   chance, unparsed rate, the text-preservation check; 95% CIs and paired tests of the real audio against
+   each control and chance, `ralm.eval.significance`, since ~90 items make a few points' gap noise), `eval/<benchmark>.report.json`, and the official
    MMAU-shape predictions `eval/<benchmark>_predictions.json` (+ one per control).
 """
 
@@ -27,6 +28,14 @@ from ralm.eval.benchmarks import Benchmark, MCQItem, get_benchmark
 from ralm.eval.controls import ControlError, apply_control, chance
 from ralm.eval.inference import CHOICE_SCORING_MODES
 from ralm.eval.scoring import build_prompt, parse_choice, score_item, summarize
+from ralm.eval.significance import (
+    binomial_p_above_chance,
+    format_gap,
+    format_p,
+    paired_comparison,
+    verdict,
+    wilson_interval,
+)
 
 log = logging.getLogger(__name__)
 
@@ -144,29 +153,84 @@ def template_opens_thought(export_dir: str) -> bool:
         return False
 
 
+def score_items(bench: Benchmark, conds: dict[str, list[MCQItem]], preds: dict[str, dict[str, Any]],
+                errors: dict[str, dict[str, Any]], thought_open: bool = False) -> dict[str, list[dict[str, Any]]]:
+    """Per condition, one scored row per item (in the condition's order): `id`, `correct`, `pred_index`,
+    `choices`, the group values, `error` (the inference reject's reason, else None) and `submission`
+    (the official-shape prediction row). Kept per item so conditions can be compared item by item."""
+    scored = {}
+    for cond, items in conds.items():
+        rows = []
+        for it in items:
+            key = f"{cond}/{it.id}"
+            output = (preds.get(key) or {}).get("response") or ""
+            error = errors[key]["reason"] if key in errors else (None if key in preds else "missing_prediction")
+            idx = parse_choice(output, it.choices, thought_open)
+            rows.append({"id": it.id, "correct": score_item(bench.scorer, it.choices, it.answer_index, idx),
+                         "pred_index": idx, "choices": it.choices,
+                         **{g: it.group_value(g) for g in bench.group_keys},
+                         "error": error, "submission": bench.submission_row(it, idx, output)})
+        scored[cond] = rows
+    return scored
+
+
+def summarize_scored(bench: Benchmark, scored: dict[str, list[dict[str, Any]]]
+                     ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """Per condition: the summary (with the accuracy's 95% Wilson interval) and the submission rows."""
+    summaries, submissions = {}, {}
+    for cond, rows in scored.items():
+        summary = summarize(rows, bench.group_keys)
+        summary["accuracy_ci95"] = list(wilson_interval(summary["correct"], summary["total"]))
+        summary["errors"] = dict(Counter(r["error"] for r in rows if r["error"]))
+        summaries[cond] = summary
+        submissions[cond] = [r["submission"] for r in rows]
+    return summaries, submissions
+
+
 def score(bench: Benchmark, conds: dict[str, list[MCQItem]], preds: dict[str, dict[str, Any]],
           errors: dict[str, dict[str, Any]], thought_open: bool = False
           ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     """Per condition: the summary and the official-shape prediction rows."""
-    summaries, submissions = {}, {}
-    for cond, items in conds.items():
-        rows, sub, err = [], [], Counter()
-        for it in items:
-            key = f"{cond}/{it.id}"
-            output = (preds.get(key) or {}).get("response") or ""
-            if key in errors:
-                err[errors[key]["reason"]] += 1
-            elif key not in preds:
-                err["missing_prediction"] += 1
-            idx = parse_choice(output, it.choices, thought_open)
-            rows.append({"correct": score_item(bench.scorer, it.choices, it.answer_index, idx), "pred_index": idx,
-                         "choices": it.choices, **{g: it.group_value(g) for g in bench.group_keys}})
-            sub.append(bench.submission_row(it, idx, output))
-        summary = summarize(rows, bench.group_keys)
-        summary["errors"] = dict(err)
-        summaries[cond] = summary
-        submissions[cond] = sub
-    return summaries, submissions
+    return summarize_scored(bench, score_items(bench, conds, preds, errors, thought_open))
+
+
+def _by_item(rows: list[dict[str, Any]]) -> dict[tuple[str, int], bool]:
+    """Correctness keyed by (item id, n-th use of that id): pairs conditions by item, not by position,
+    and still pairs right if a benchmark file repeats an id."""
+    seen: Counter[str] = Counter()
+    out = {}
+    for r in rows:
+        out[(r["id"], seen[r["id"]])] = bool(r["correct"])
+        seen[r["id"]] += 1
+    return out
+
+
+def vs_controls(scored: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per control: the real audio vs that control on the items both scored (paired delta, its 95% CI,
+    the discordant counts and McNemar's exact p) — is the gap more than noise?"""
+    audio = _by_item(scored["audio"])
+    out = {}
+    for cond, rows in scored.items():
+        if cond == "audio":
+            continue
+        ctrl = _by_item(rows)
+        keys = [k for k in audio if k in ctrl]
+        cmp = paired_comparison([audio[k] for k in keys], [ctrl[k] for k in keys])
+        out[cond] = {"n": cmp["n"], "delta": cmp["delta"], "ci95": list(cmp["ci95"]),
+                     "audio_right_control_wrong": cmp["a_right_b_wrong"],
+                     "audio_wrong_control_right": cmp["a_wrong_b_right"], "mcnemar_p": cmp["mcnemar_p"]}
+    return out
+
+
+def describe_vs_control(c: dict[str, Any]) -> str:
+    """A `vs_controls` entry in words (see `significance.format_gap`)."""
+    return format_gap(c["delta"], c["ci95"], c["mcnemar_p"],
+                      (c["audio_right_control_wrong"], c["audio_wrong_control_right"]))
+
+
+def p_above_chance(items: list[MCQItem], correct: int) -> float | None:
+    """Exact one-sided p-value that `correct` right answers on `items` beat uniform guessing."""
+    return binomial_p_above_chance(correct, len(items), [1 / len(it.choices) for it in items])
 
 
 def text_preservation(adapters: list[str], glue: str) -> dict[str, Any]:
@@ -194,17 +258,37 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+def _ci(ci: list[float | None] | None) -> str:
+    return "n/a" if not ci or ci[0] is None else f"{100 * ci[0]:.1f}–{100 * ci[1]:.1f}%"
+
+
+def _heard_lines(report: dict[str, Any]) -> list[str]:
+    """"Is the audio heard?": each control's paired gap with its uncertainty, and the test against chance."""
+    vs, p_chance = report.get("vs_controls") or {}, report.get("p_above_chance")
+    if not vs and p_chance is None:
+        return []
+    lines = ["", "## Is the audio heard?", "",
+             "Same items under each condition: the gap in accuracy points with its 95% CI, and McNemar's exact "
+             "test on the discordant items (right with the real audio only vs with the control only).", ""]
+    lines += [f"- audio vs {name}: {describe_vs_control(c)}" for name, c in vs.items()]
+    if p_chance is not None:
+        lines.append(f"- audio vs chance: {_pct(report.get('overall'))} vs {_pct(report.get('chance'))} "
+                     f"(exact one-sided {format_p(p_chance)}) — {verdict(p_chance)}")
+    return lines
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     conds = report["conditions"]
     lines = [f"# Evaluation: {report['benchmark']}", "",
              f"{report['items']} items ({report['rejected_items']} rejected at load) from `{report['data']}`; "
              f"adapters: {', '.join(f'`{a}`' for a in report['adapters'])}"
              + (" (ALARM-E ensemble)" if len(report["adapters"]) > 1 else "") + ".", "",
-             "| condition | accuracy | correct / total | unparsed | errors |", "|---|---|---|---|---|"]
+             "| condition | accuracy | 95% CI | correct / total | unparsed | errors |", "|---|---|---|---|---|---|"]
     for name, s in conds.items():
-        lines.append(f"| {name} | {_pct(s['accuracy'])} | {s['correct']} / {s['total']} | "
+        lines.append(f"| {name} | {_pct(s['accuracy'])} | {_ci(s.get('accuracy_ci95'))} | {s['correct']} / {s['total']} | "
                      f"{_pct(s['unparsed_rate'])} | {sum(s['errors'].values())} |")
-    lines.append(f"| chance | {_pct(report['chance'])} | | | |")
+    lines.append(f"| chance | {_pct(report['chance'])} | | | | |")
+    lines += _heard_lines(report)
     for group in report.get("group_keys", []):
         key = f"by_{group}"
         values = sorted({v for s in conds.values() for v in s.get(key, {})})
@@ -288,7 +372,8 @@ def run(cfg: RalmConfig, run_dir: str | None = None) -> str:
 
     preds = {r["id"]: r for r in records.read_records(records.data_uri(pred_uri), ["id", "response"])}
     errors = {r["id"]: r for r in records.read_rejects(pred_uri)}
-    summaries, submissions = score(bench, conds, preds, errors, thought_open and not by_likelihood)
+    scored = score_items(bench, conds, preds, errors, thought_open and not by_likelihood)
+    summaries, submissions = summarize_scored(bench, scored)
 
     pred_file = storage.join(stage, f"{bench.name}_predictions.json")
     storage.write_json(pred_file, submissions["audio"])
@@ -304,6 +389,7 @@ def run(cfg: RalmConfig, run_dir: str | None = None) -> str:
         "overall": summaries["audio"]["accuracy"], "unparsed_rate": summaries["audio"]["unparsed_rate"],
         "chance": chance(loaded.items),
         "controls": {c: summaries[c]["accuracy"] for c in conds if c != "audio"},
+        "vs_controls": vs_controls(scored), "p_above_chance": p_above_chance(loaded.items, summaries["audio"]["correct"]),
         "by_domain": summaries["audio"].get("by_domain", {}),
         "conditions": summaries, "skipped_controls": skipped, "predictions": pred_file,
         "predictions_dir": pred_uri,

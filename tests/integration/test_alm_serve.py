@@ -130,11 +130,16 @@ def test_eval_stage_demo_with_controls_and_resume(ray_local, tiny_export, tmp_pa
     assert report["benchmark"] == "demo" and report["items"] == len(mcq)
     assert set(report["conditions"]) == {"audio", "shuffled", "silence"}
     assert set(report["controls"]) == {"shuffled", "silence"}
+    # Every control is compared item by item with the real audio (paired over all items).
+    assert set(report["vs_controls"]) == {"shuffled", "silence"}
+    assert all(c["n"] == len(mcq) for c in report["vs_controls"].values())
+    assert 0 <= report["p_above_chance"] <= 1
     assert 0 < report["chance"] < 1 and report["unparsed_rate"] is not None
     assert set(report["by_domain"]) <= {"speech", "sound", "music", "instruction"}
     assert report["text_preserved"]["passed"] is True
     md = (tmp_path / "run/eval/report.md").read_text()
     assert "| shuffled |" in md and "| silence |" in md and "| chance |" in md and "Text preserved" in md
+    assert "audio vs shuffled:" in md and "95% CI" in md
 
     # The official-shape file: the items + model_output, scored by the official rule = our accuracy.
     preds = json.loads((tmp_path / "run/eval/demo_predictions.json").read_text())

@@ -118,7 +118,7 @@ def test_stage_scoring_matches_the_official_rule_on_the_submission_file():
 
     from ralm.eval.benchmarks import get_benchmark
     from ralm.eval.controls import apply_control
-    from ralm.eval.run import render_markdown, score
+    from ralm.eval.run import p_above_chance, render_markdown, score, score_items, vs_controls
 
     bench = get_benchmark("mmau")
     items = bench.load(str(Path(__file__).parent.parent / "fixtures" / "eval" / "mmau-mini.json")).items
@@ -139,8 +139,24 @@ def test_stage_scoring_matches_the_official_rule_on_the_submission_file():
     assert summaries["shuffled"]["correct"] == 0
     assert summaries["shuffled"]["errors"] == {"missing": 1, "missing_prediction": 1}
     assert audio["by_domain"]["music"]["accuracy"] == 1.0 and audio["by_difficulty"]["hard"]["unparsed"] == 1
+    # Audio 2/3 vs shuffled 0/3 on the same items: both discordant items favour the audio.
+    conds["shuffled"] = conds["shuffled"][::-1]  # paired by item id, not by position
+    vs = vs_controls(score_items(bench, conds, preds, errors))["shuffled"]
+    assert vs["delta"] == pytest.approx(2 / 3)
+    assert vs["ci95"][0] < 0 < 2 / 3 < vs["ci95"][1]  # three items cannot rule out "no gap"
+    assert (vs["audio_right_control_wrong"], vs["audio_wrong_control_right"], vs["n"]) == (2, 0, 3)
+    assert vs["mcnemar_p"] == pytest.approx(0.5)  # 2 * (1/2)^2
+    p_chance = p_above_chance(items, audio["correct"])
+    assert p_chance == pytest.approx(9 / 48)  # >= 2 right of 4, 4 and 3 choices: 1/48 + 8/48
     md = render_markdown({"benchmark": "mmau", "items": 3, "rejected_items": 1, "data": "x.json", "adapters": ["a"],
-                          "conditions": summaries, "chance": 0.3, "group_keys": list(bench.group_keys),
-                          "skipped_controls": {"silence": "why"}, "predictions": "p.json"})
-    assert "| audio | 66.7% | 2 / 3 | 33.3% | 0 |" in md and "| shuffled | 0.0% | 0 / 3 |" in md
+                          "conditions": summaries, "chance": 0.3, "overall": audio["accuracy"],
+                          "group_keys": list(bench.group_keys), "skipped_controls": {"silence": "why"},
+                          "predictions": "p.json", "vs_controls": {"shuffled": vs}, "p_above_chance": p_chance})
+    # Wilson 95%: 2/3 -> 20.8-93.9%, 0/3 -> 0-56.2% (z^2 / (3 + z^2) = 0.5615).
+    assert "| condition | accuracy | 95% CI | correct / total |" in md
+    assert "| audio | 66.7% | 20.8–93.9% | 2 / 3 | 33.3% | 0 |" in md and "| shuffled | 0.0% | 0.0–56.2% | 0 / 3 |" in md
+    assert "## Is the audio heard?" in md
+    assert f"- audio vs shuffled: +66.7 points (95% CI {100 * vs['ci95'][0]:+.1f} to " in md
+    assert "McNemar p = 0.50, 2 vs 0 discordant items) — not significant at p < 0.05" in md
+    assert "- audio vs chance: 66.7% vs 30.0% (exact one-sided p = 0.19) — not significant" in md
     assert "## By domain" in md and "Skipped controls: silence: why" in md

@@ -24,6 +24,9 @@ def test_full_report_has_every_section_and_plot(tmp_path):
                                "final_loss": 1.0, "padding_pct": 5.0, "loss_curve": [[1, 3.0], [2, 2.0], [3, 1.0]]})
     _stage(tmp_path, "eval", {"benchmark": "demo", "items": 40, "overall": 0.8, "chance": 0.25,
                               "unparsed_rate": 0.0, "controls": {"shuffled": 0.3, "silence": 0.2},
+                              "vs_controls": {"shuffled": {"delta": 0.5, "ci95": [0.3, 0.65], "mcnemar_p": 0.0004,
+                                                           "audio_right_control_wrong": 22,
+                                                           "audio_wrong_control_right": 2}},
                               "conditions": {"shuffled": {"accuracy": 0.3, "by_domain": {"speech": {"accuracy": 0.3}}},
                                              "silence": {"accuracy": 0.2}},
                               "by_domain": {"speech": {"accuracy": 0.9, "chance": 0.25}}})
@@ -33,6 +36,8 @@ def test_full_report_has_every_section_and_plot(tmp_path):
         assert (tmp_path / f"{png}.png").stat().st_size > 1000 and f"({png}.png)" in md
     assert "60.0% of all self-generated targets" in md and "self-generated 50.0% -> rephrased 5.0%" in md
     assert "Accuracy 80.0% with the real audio; 30.0% with shuffled audio, 20.0% with silence audio; chance 25.0%" in md
+    assert ("Real minus shuffled audio: +50.0 points (95% CI +30.0 to +65.0; McNemar p < 0.001, 22 vs 2 "
+            "discordant items) — significant at p < 0.05." in md)
     assert "| rephrase | unparseable | 1 |" in md and "| total | 60 |" in md
     assert "loss 3.000 -> 1.000" in md
 
