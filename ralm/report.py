@@ -12,7 +12,7 @@ from collections import Counter
 from typing import Any
 
 from ralm import records, storage
-from ralm.eval.significance import format_gap
+from ralm.eval.significance import describe_vs_control
 from ralm.pipeline import ORDER
 
 
@@ -40,8 +40,7 @@ def _pct(x: Any) -> str:
 
 def _gaps(vs: dict[str, Any]) -> str:
     """The eval's paired gap to each control with its uncertainty (reports before it had none: "")."""
-    return "".join(f" Real minus {name} audio: " + format_gap(c["delta"], c["ci95"], c["mcnemar_p"], (
-        c["audio_right_control_wrong"], c["audio_wrong_control_right"])) + "." for name, c in vs.items())
+    return "".join(f" Real minus {name} audio: {describe_vs_control(c)}." for name, c in vs.items())
 
 
 def _plots(data: dict[str, Any], out_dir: str) -> dict[str, str]:

@@ -9,8 +9,9 @@
 3. Scoring follows the benchmark's official rule; unparsed replies count as wrong and are reported.
 4. Writes `eval/report.json` + `eval/report.md` (overall, per domain/category/difficulty, each control,
    chance, unparsed rate, the text-preservation check; 95% CIs and paired tests of the real audio against
-   each control and chance, `ralm.eval.significance`, since ~90 items make a few points' gap noise), `eval/<benchmark>.report.json`, and the official
-   MMAU-shape predictions `eval/<benchmark>_predictions.json` (+ one per control).
+   each control and chance, `ralm.eval.significance`, since ~90 items make a few points' gap noise),
+   `eval/<benchmark>.report.json`, and the official MMAU-shape predictions
+   `eval/<benchmark>_predictions.json` (+ one per control).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from ralm.eval.inference import CHOICE_SCORING_MODES
 from ralm.eval.scoring import build_prompt, parse_choice, score_item, summarize
 from ralm.eval.significance import (
     binomial_p_above_chance,
-    format_gap,
+    describe_vs_control,
     format_p,
     paired_comparison,
     verdict,
@@ -187,13 +188,6 @@ def summarize_scored(bench: Benchmark, scored: dict[str, list[dict[str, Any]]]
     return summaries, submissions
 
 
-def score(bench: Benchmark, conds: dict[str, list[MCQItem]], preds: dict[str, dict[str, Any]],
-          errors: dict[str, dict[str, Any]], thought_open: bool = False
-          ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
-    """Per condition: the summary and the official-shape prediction rows."""
-    return summarize_scored(bench, score_items(bench, conds, preds, errors, thought_open))
-
-
 def _by_item(rows: list[dict[str, Any]]) -> dict[tuple[str, int], bool]:
     """Correctness keyed by (item id, n-th use of that id): pairs conditions by item, not by position,
     and still pairs right if a benchmark file repeats an id."""
@@ -220,12 +214,6 @@ def vs_controls(scored: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, 
                      "audio_right_control_wrong": cmp["a_right_b_wrong"],
                      "audio_wrong_control_right": cmp["a_wrong_b_right"], "mcnemar_p": cmp["mcnemar_p"]}
     return out
-
-
-def describe_vs_control(c: dict[str, Any]) -> str:
-    """A `vs_controls` entry in words (see `significance.format_gap`)."""
-    return format_gap(c["delta"], c["ci95"], c["mcnemar_p"],
-                      (c["audio_right_control_wrong"], c["audio_wrong_control_right"]))
 
 
 def p_above_chance(items: list[MCQItem], correct: int) -> float | None:

@@ -153,3 +153,10 @@ def format_gap(delta: float | None, ci95: Sequence[float | None], p: float, disc
         return "no items scored under both"
     return (f"{100 * delta:+.1f} points (95% CI {100 * ci95[0]:+.1f} to {100 * ci95[1]:+.1f}; McNemar "
             f"{format_p(p)}, {discordant[0]} vs {discordant[1]} discordant items) — {verdict(p)}")
+
+
+def describe_vs_control(entry: dict[str, Any]) -> str:
+    """An eval report's `vs_controls` entry (real audio vs one control) in words, via `format_gap`: the one
+    reader of that entry's keys, shared by `eval/report.md` and the run report."""
+    return format_gap(entry["delta"], entry["ci95"], entry["mcnemar_p"],
+                      (entry["audio_right_control_wrong"], entry["audio_wrong_control_right"]))

@@ -118,7 +118,7 @@ def test_stage_scoring_matches_the_official_rule_on_the_submission_file():
 
     from ralm.eval.benchmarks import get_benchmark
     from ralm.eval.controls import apply_control
-    from ralm.eval.run import p_above_chance, render_markdown, score, score_items, vs_controls
+    from ralm.eval.run import p_above_chance, render_markdown, score_items, summarize_scored, vs_controls
 
     bench = get_benchmark("mmau")
     items = bench.load(str(Path(__file__).parent.parent / "fixtures" / "eval" / "mmau-mini.json")).items
@@ -129,7 +129,7 @@ def test_stage_scoring_matches_the_official_rule_on_the_submission_file():
     preds = {f"audio/{k}": {"response": v} for k, v in replies.items()}
     preds["shuffled/mmau-1"] = {"response": "<answer>2</answer>"}  # Electric violin: wrong
     errors = {"shuffled/mmau-3": {"reason": "missing"}}
-    summaries, subs = score(bench, conds, preds, errors)
+    summaries, subs = summarize_scored(bench, score_items(bench, conds, preds, errors))
     audio = summaries["audio"]
     assert (audio["correct"], audio["total"], audio["unparsed"]) == (2, 3, 1)
     official = sum(string_match(r["answer"], r["model_output"], r["choices"]) for r in subs["audio"])
