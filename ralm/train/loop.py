@@ -135,6 +135,8 @@ def train_func(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(tc.torch_threads or max(1, int(tc.cpus_per_worker)))
     use_gpu = tc.use_gpu and torch.cuda.is_available()
+    if tc.use_gpu and not use_gpu:
+        log.warning("train.use_gpu is set but worker %d sees no CUDA device: training on the CPU", rank)
     device = torch.device(f"cuda:{ctx.get_local_rank()}" if use_gpu else "cpu")
     autocast_bf16 = tc.precision == "bf16" and not use_gpu
 
@@ -314,6 +316,7 @@ def _finish(cfg: RalmConfig, run_dir: str, alm: ALM, engine: Any, state: dict[st
                    state=_gathered_frontend_state(engine, cfg.train.zero_stage),
                    extra={"trained_steps": state["step"]})
     history = state["history"]
+    device = next(alm.frontend.parameters()).device
     report = {
         "steps": state["step"],
         "planned_steps": config["total_steps"],
@@ -333,6 +336,8 @@ def _finish(cfg: RalmConfig, run_dir: str, alm: ALM, engine: Any, state: dict[st
         "train_examples": config["num_examples"],
         "zero_stage": cfg.train.zero_stage,
         "precision": cfg.train.precision,
+        # where rank 0 trained: a use_gpu run that found no CUDA in its worker says "cpu" here
+        "device": f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device),
         "loss_curve": history,
     }
     storage.write_json(storage.join(stage, "report.json"), report)

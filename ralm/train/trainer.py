@@ -114,7 +114,7 @@ def render_report(r: dict[str, Any]) -> str:
         return f"{x:.4f}" if isinstance(x, float) else str(x)
 
     rows = ["steps", "planned_steps", "num_workers", "samples_seen", "samples_per_s", "first_loss", "final_loss",
-            "final_loss_avg5", "padding_pct", "restarts", "resumed_from_step", "zero_stage", "precision"]
+            "final_loss_avg5", "padding_pct", "restarts", "resumed_from_step", "zero_stage", "precision", "device"]
     lines = ["# Adapter training", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {f(r.get(k))} |" for k in rows]
     lines += ["", f"Adapter export: `{r.get('export')}` (load with `ralm.model.export.load_alm`).",

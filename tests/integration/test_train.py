@@ -40,6 +40,7 @@ def test_training_learns_only_the_adapter_and_sees_each_sample_once(ray_local, t
     assert report["steps"] == report["planned_steps"] == 6
     assert report["samples_seen"] == 48
     assert report["samples_per_s"] > 0 and 0 <= report["padding_pct"] < 50
+    assert report["device"] == "cpu" and "| device | cpu |" in (stage / "report.md").read_text()
     assert len(report["loss_curve"]) == 6
     # The loss goes down on the learnable toy task.
     assert report["final_loss_avg5"] < report["first_loss"] - 0.05, report["loss_curve"]

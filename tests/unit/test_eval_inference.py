@@ -107,6 +107,7 @@ def test_choice_logprobs_match_an_unpadded_forward_and_favour_the_greedy_token(e
 @pytest.mark.gpu
 def test_vllm_backend_from_prompt_embeddings_matches_transformers(exports, write_wav):
     """vLLM fed the ALM's prompt embeddings gives the transformers back end's greedy answer."""
+    pytest.importorskip("vllm", reason="needs vLLM (the CUDA build: pip install 'ralm[gpu]')")
     clip = str(write_wav("tone.wav", seconds=1.0, freq=440))
     hf = ALMInference([exports[0]])
     want = [g.text for g in hf.generate([(clip, "What do you hear?"), (None, "Hello")], 8)]
