@@ -106,20 +106,27 @@ def size_pools(cfg, encoder_cpu_s: dict[str, float], cores: int, actors: int, sh
                concurrent: int = 1) -> dict[str, dict]:
     """Share the cores among decoding and the encoder pools by their cost (as the loop measured it), as
     one provisions a cluster after profiling: decode tasks get `cores x decode share` slots (at least one:
-    every slot is a worker process to start), the actors reserve the remaining CPUs. Per-encoder pools
+    every slot is a worker process to start; with decoding in the actors they hold the read tasks), the
+    actors reserve the remaining CPUs. Per-encoder pools
     split them in proportion to each encoder's share of the work and run `ceil(cores x share / actors)`
     torch threads: with one actor per encoder on 2 cores the costlier encoder gets 2 threads, so the core
     the cheaper one leaves idle while it waits is not wasted (measured: 2 cores, 200 x 3 s, Whisper tiny
     0.33 CPU-s per clip, CREPE tiny 0.39: steady 6.9 audio-s/s with 1 thread each, 7.6 with CREPE on 2).
     A shared pool's actors each run every encoder, `concurrent` batches at once: an equal share and
     `ceil(cores / (actors x concurrent))` threads per batch."""
+    from ralm.features.pipeline import decode_in_actor, encoder_pools
+
     decode_share = encoder_cpu_s.get("decode", 0.0) / (sum(encoder_cpu_s.values()) or 1.0)
     slots = max(1, round(cores * decode_share))
     cfg.features.decode_concurrency = slots
     encoder_cpu_s = {k: v for k, v in encoder_cpu_s.items() if k != "decode"}
     total = sum(encoder_cpu_s.values()) or 1.0
+    # Decoding in the first pool's actors (CPU actors' default) still leaves a decode slot's CPUs free:
+    # the work-list read tasks run there.
     spare = max(0.5, cores - slots * cfg.features.decode_num_cpus)
-    sizes: dict[str, dict] = {"decode": {"share": round(decode_share, 3), "tasks": slots}}
+    in_actor = decode_in_actor(cfg.features, encoder_pools(cfg.features.encoders))
+    sizes: dict[str, dict] = {"decode": {"share": round(decode_share, 3),
+                                         **({"in_actor": True} if in_actor else {"tasks": slots})}}
     for spec in cfg.features.encoders:
         share = 1.0 if shared else encoder_cpu_s.get(spec.name, total / len(cfg.features.encoders)) / total
         spec.num_cpus = round(max(0.25, spare * share / actors), 2)

@@ -222,7 +222,14 @@ class FeaturesConfig(Section):
     )
     decode_num_cpus: float = Field(0.5, gt=0)
     decode_batch_size: int = Field(16, ge=1)
-    decode_concurrency: int = Field(2, ge=1, description="Decode tasks at once (each worker imports torch)")
+    decode_concurrency: int = Field(2, ge=1, description="Decode tasks at once (when decoding runs in tasks)")
+    decode_in_actor: bool | None = Field(
+        None,
+        description="Decode in the first encoder pool's actors instead of in decode tasks. None (auto): when "
+        "that pool asks for no GPU. On CPU nodes decoding is a fraction of a percent of the encoders' work, "
+        "and decode tasks cost worker processes, a scheduling round and an object-store copy of every "
+        "waveform; GPU actors keep decoding in CPU tasks beside them so the GPU is not kept waiting",
+    )
     splits: list[str] = Field(default_factory=lambda: ["train", "valid", "test"])
 
 

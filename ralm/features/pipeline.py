@@ -1,4 +1,7 @@
-"""`ralm features`: corpus clips -> decode (CPU tasks) -> one actor pool per encoder -> WebDataset shards.
+"""`ralm features`: corpus clips -> decode -> one actor pool per encoder -> WebDataset shards.
+
+Decoding runs in CPU tasks beside GPU actors, and inside the first pool's actors when they are CPU actors
+(`features.decode_in_actor`).
 
 The driver plans the shards and writes the work list in shard order (`ralm.features.plan`); Ray Data
 reads it, decodes, runs the encoder pools and keeps that order (`preserve_order`), so shards complete one
@@ -154,6 +157,13 @@ def encoder_pools(specs: list[EncoderSpec]) -> list[EncoderPool]:
     return [EncoderPool(name, tuple(members)) for name, members in groups.items()]
 
 
+def decode_in_actor(features: Any, pools: list[EncoderPool]) -> bool:
+    """Whether the first pool's actors decode (see `FeaturesConfig.decode_in_actor`); auto: CPU actors do."""
+    if features.decode_in_actor is not None:
+        return bool(features.decode_in_actor)
+    return pools[0].num_gpus == 0
+
+
 def _actor_pool_strategy(pool: EncoderPool) -> Any:
     import ray
 
@@ -168,7 +178,8 @@ class EncoderActor:
     """One actor of an encoder pool: loads its frozen encoder(s) once, encodes the batches it is given
     with each in turn."""
 
-    def __init__(self, specs: list[dict[str, Any]], dtype: str, threads: int, drop: list[str] | None = None):
+    def __init__(self, specs: list[dict[str, Any]], dtype: str, threads: int, drop: list[str] | None = None,
+                 decode_rates: list[int] | None = None):
         import torch
 
         from ralm.encoders import build_encoder
@@ -177,8 +188,11 @@ class EncoderActor:
         self.encoders = [build_encoder(EncoderSpec.model_validate(s)) for s in specs]
         self.dtype = np.dtype(dtype)
         self.drop = list(drop or [])  # the last pool drops the waveforms: no extra Ray Data operator for it
+        self.decode_rates = list(decode_rates or [])  # set: this actor decodes its work-list rows first
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.decode_rates:
+            batch = decode_batch(batch, self.decode_rates)
         for encoder in self.encoders:
             self._encode(encoder, batch)
         for column in self.drop:
@@ -216,7 +230,8 @@ def _arrow_filesystem(uri: str) -> Any:
 
 
 def build_dataset(cfg: RalmConfig, work_parts: list[str]) -> Any:
-    """The lazy Ray Data pipeline over the work list (in shard order): read -> decode tasks -> encoder pools."""
+    """The lazy Ray Data pipeline over the work list (in shard order): read -> decode (tasks, or the first
+    pool's actors) -> encoder pools."""
     import ray
 
     from ralm.encoders import describe_encoder
@@ -232,16 +247,19 @@ def build_dataset(cfg: RalmConfig, work_parts: list[str]) -> Any:
     # Work-list parts hold thousands of rows: cut them into batch-sized blocks (streaming, order kept) so
     # the encoder pools get many bundles to spread over their actors, not one bundle per part.
     ds = ds.repartition(target_num_rows_per_block=decode_bs)
-    ds = ds.map_batches(decode_batch, fn_kwargs={"sample_rates": rates}, batch_format="numpy",
-                        batch_size=decode_bs, num_cpus=cfg.features.decode_num_cpus,
-                        compute=ray.data.TaskPoolStrategy(size=cfg.features.decode_concurrency))
     pools = encoder_pools(cfg.features.encoders)
+    in_actor = decode_in_actor(cfg.features, pools)
+    if not in_actor:
+        ds = ds.map_batches(decode_batch, fn_kwargs={"sample_rates": rates}, batch_format="numpy",
+                            batch_size=decode_bs, num_cpus=cfg.features.decode_num_cpus,
+                            compute=ray.data.TaskPoolStrategy(size=cfg.features.decode_concurrency))
     for k, pool in enumerate(pools):
         ds = ds.map_batches(
             EncoderActor,
             fn_constructor_kwargs={"specs": [s.model_dump(mode="json") for s in pool.specs],
                                    "dtype": cfg.shards.dtype, "threads": pool.threads,
-                                   "drop": [f"wav_{sr}" for sr in rates] if k == len(pools) - 1 else []},
+                                   "drop": [f"wav_{sr}" for sr in rates] if k == len(pools) - 1 else [],
+                                   "decode_rates": rates if in_actor and k == 0 else None},
             compute=_actor_pool_strategy(pool),
             batch_size=pool.batch_size, batch_format="numpy", num_cpus=pool.num_cpus, num_gpus=pool.num_gpus,
         )

@@ -207,6 +207,37 @@ def test_one_shared_pool_with_concurrent_batches_writes_the_same_shards(local_ru
     assert [(r["id"], r["reason"]) for r in records.read_rejects(f"{run2}/features")] == [("corrupt", "corrupt")]
 
 
+def test_decoding_in_tasks_writes_the_same_shards_as_in_the_actors(local_run, tmp_path):
+    """On CPU actors the first pool decodes its rows itself (the default); decode tasks (GPU actors' way)
+    give the same bytes and the same rejects."""
+    import shutil
+
+    run_dir, stage = local_run
+    run2 = str(tmp_path / "run")
+    shutil.copytree(f"{run_dir}/corpus", f"{run2}/corpus")
+    cfg = _cfg()
+    assert pipeline.decode_in_actor(cfg.features, pipeline.encoder_pools(cfg.features.encoders))  # local_run's way
+    cfg.features.decode_in_actor = False
+    pipeline.run(cfg, run2)
+    assert _bytes(sh.list_shards(f"{run2}/features")) == _bytes(sh.list_shards(stage))
+    assert [(r["id"], r["reason"]) for r in records.read_rejects(f"{run2}/features")] == [("corrupt", "corrupt")]
+
+
+def test_decoding_goes_to_cpu_actors_and_stays_in_tasks_beside_gpu_actors():
+    from ralm.config import FeaturesConfig
+
+    cpu = FeaturesConfig.model_validate({"encoders": [{"name": "a", "model": "m"}, {"name": "b", "model": "m"}]})
+    gpu = FeaturesConfig.model_validate({"encoders": [{"name": "a", "model": "m", "num_gpus": 0.5},
+                                                      {"name": "b", "model": "m"}]})
+    assert pipeline.decode_in_actor(cpu, pipeline.encoder_pools(cpu.encoders))
+    assert not pipeline.decode_in_actor(gpu, pipeline.encoder_pools(gpu.encoders))
+    # the first pool decides: a CPU pool ahead of a GPU one decodes for both
+    assert pipeline.decode_in_actor(gpu, pipeline.encoder_pools(gpu.encoders[::-1]))
+    for setting in (True, False):
+        forced = cpu.model_copy(update={"decode_in_actor": setting})
+        assert pipeline.decode_in_actor(forced, pipeline.encoder_pools(forced.encoders)) is setting
+
+
 def test_encoder_pools_group_by_pool_name():
     from ralm.config import EncoderSpec
 
