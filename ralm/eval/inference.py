@@ -535,6 +535,8 @@ def batch_infer(ds: Any, export_dirs: Sequence[str], *, backend: str = "transfor
     """A Ray Data job: `ds` rows {id, audio (URI or ''), question} -> the same rows with the ALM's output.
     `answer_mode="likelihood"|"pmi"`: rows also carry `choices` (a JSON list); the output is the best-scoring one
     (see `ALMInference.choice_logprobs`)."""
+    import ray
+
     return ds.map_batches(
         InferenceActor,
         fn_constructor_kwargs={
@@ -544,7 +546,7 @@ def batch_infer(ds: Any, export_dirs: Sequence[str], *, backend: str = "transfor
             "answer_mode": answer_mode, "reply_prefix": reply_prefix,
         },
         batch_size=batch_size,
-        concurrency=concurrency,
+        compute=ray.data.ActorPoolStrategy(size=concurrency),  # `concurrency=` is deprecated since Ray 2.51
         num_cpus=num_cpus,
         num_gpus=num_gpus,
         batch_format="numpy",

@@ -22,7 +22,7 @@ For Ray Data pipelines, `ChatBatch` is the same client as a `map_batches` callab
 `completions` column (per row a list of Completion dicts), keeping row order:
 
     ds.map_batches(ChatBatch, fn_constructor_args=(cfg_dict, make_messages), batch_size=64,
-                   concurrency=1, num_cpus=0.25)
+                   compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
 
 `score_nll(conversations, targets, cfg)` gives the frozen LLM's mean per-token NLL of each target through
 the deployment (for the rephrase report).
