@@ -22,7 +22,7 @@ import numpy as np
 
 from ralm import records, storage
 from ralm.audio import AudioError, load_audio
-from ralm.config import EncoderSpec, RalmConfig
+from ralm.config import EncoderSpec, FeaturesConfig, RalmConfig
 from ralm.features.plan import ITEMSIZE, plan_shards, write_work_list
 from ralm.features.shards import INDEX_SCHEMA, ShardFile, shard_name, write_index
 
@@ -157,7 +157,7 @@ def encoder_pools(specs: list[EncoderSpec]) -> list[EncoderPool]:
     return [EncoderPool(name, tuple(members)) for name, members in groups.items()]
 
 
-def decode_in_actor(features: Any, pools: list[EncoderPool]) -> bool:
+def decode_in_actor(features: FeaturesConfig, pools: list[EncoderPool]) -> bool:
     """Whether the first pool's actors decode (see `FeaturesConfig.decode_in_actor`); auto: CPU actors do."""
     if features.decode_in_actor is not None:
         return bool(features.decode_in_actor)

@@ -182,6 +182,18 @@ def test_shards_to_s3_read_back_identical(local_run, s3_bucket, s3_server, tmp_p
     assert len(list(wds.WebDataset(remote, shardshuffle=False))) == len(got)
 
 
+def _assert_same_shards_on_a_copy(local_run, tmp_path, cfg: RalmConfig) -> None:
+    """Run the stage with `cfg` on a copy of local_run's corpus: the same shard bytes and rejects."""
+    import shutil
+
+    run_dir, stage = local_run
+    run2 = str(tmp_path / "run")
+    shutil.copytree(f"{run_dir}/corpus", f"{run2}/corpus")
+    pipeline.run(cfg, run2)
+    assert _bytes(sh.list_shards(f"{run2}/features")) == _bytes(sh.list_shards(stage))
+    assert [(r["id"], r["reason"]) for r in records.read_rejects(f"{run2}/features")] == [("corrupt", "corrupt")]
+
+
 def _actor_classes() -> list[str]:
     import ray._private.state  # the GCS actor table (the state API needs the dashboard, off in tests)
 
@@ -191,36 +203,22 @@ def _actor_classes() -> list[str]:
 def test_one_shared_pool_with_concurrent_batches_writes_the_same_shards(local_run, tmp_path):
     """Both encoders in one pool, one actor encoding two batches at once on two threads: the same bytes as a
     pool per encoder, and the local Ray reads the work list with one FooterReader actor, not Ray Data's 32."""
-    import shutil
-
-    run_dir, stage = local_run
-    run2 = str(tmp_path / "run")
-    shutil.copytree(f"{run_dir}/corpus", f"{run2}/corpus")
     cfg = _cfg()
     for spec in cfg.features.encoders:
         spec.pool, spec.pool_min, spec.pool_max, spec.concurrent_batches = "cpu", 1, 1, 2
     before = _actor_classes()
-    pipeline.run(cfg, run2)
+    _assert_same_shards_on_a_copy(local_run, tmp_path, cfg)
     new = Counter(_actor_classes()) - Counter(before)
     assert new["MapWorker(MapBatches(EncoderActor))"] == 1 and new["FooterReader"] <= 1, new
-    assert _bytes(sh.list_shards(f"{run2}/features")) == _bytes(sh.list_shards(stage))
-    assert [(r["id"], r["reason"]) for r in records.read_rejects(f"{run2}/features")] == [("corrupt", "corrupt")]
 
 
 def test_decoding_in_tasks_writes_the_same_shards_as_in_the_actors(local_run, tmp_path):
     """On CPU actors the first pool decodes its rows itself (the default); decode tasks (GPU actors' way)
     give the same bytes and the same rejects."""
-    import shutil
-
-    run_dir, stage = local_run
-    run2 = str(tmp_path / "run")
-    shutil.copytree(f"{run_dir}/corpus", f"{run2}/corpus")
     cfg = _cfg()
     assert pipeline.decode_in_actor(cfg.features, pipeline.encoder_pools(cfg.features.encoders))  # local_run's way
     cfg.features.decode_in_actor = False
-    pipeline.run(cfg, run2)
-    assert _bytes(sh.list_shards(f"{run2}/features")) == _bytes(sh.list_shards(stage))
-    assert [(r["id"], r["reason"]) for r in records.read_rejects(f"{run2}/features")] == [("corrupt", "corrupt")]
+    _assert_same_shards_on_a_copy(local_run, tmp_path, cfg)
 
 
 def test_decoding_goes_to_cpu_actors_and_stays_in_tasks_beside_gpu_actors():

@@ -22,14 +22,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.ray]
 
 @pytest.fixture(scope="module")
 def whisper_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from transformers import WhisperConfig, WhisperModel
+    from tests.fixtures.random_whisper import make_random_whisper
 
-    torch.manual_seed(0)  # Whisper tiny.en's shape, random weights (the hub's weights don't install offline)
-    cfg = WhisperConfig(d_model=384, encoder_layers=4, encoder_attention_heads=6, encoder_ffn_dim=1536,
-                        num_mel_bins=80, decoder_layers=1, decoder_attention_heads=6)
-    out = tmp_path_factory.mktemp("whisper") / "tiny-random"
-    WhisperModel(cfg).save_pretrained(out)
-    return str(out)
+    return make_random_whisper(tmp_path_factory.mktemp("whisper") / "tiny-random")
 
 
 def _corpus(root: Path, n: int = 10) -> tuple[str, dict[str, np.ndarray]]:

@@ -181,16 +181,13 @@ def test_whisper_clip_window_encodes_only_the_clip_and_is_recorded(whisper_tiny)
 def test_whisper_on_cuda_is_batch_invariant_and_matches_cpu(tmp_path, dtype: str):
     """On a GPU a clip's features are bit-identical alone and among other clips at another batch position
     (partial batches padded to one shape), in both window modes, and agree with the CPU float32 encoder."""
-    from transformers import WhisperConfig, WhisperModel
+    from tests.fixtures.random_whisper import make_random_whisper
 
-    torch.manual_seed(0)  # Whisper tiny.en's shape, random weights (the hub's weights don't install offline)
-    cfg = WhisperConfig(d_model=384, encoder_layers=4, encoder_attention_heads=6, encoder_ffn_dim=1536,
-                        num_mel_bins=80, decoder_layers=1, decoder_attention_heads=6)
-    WhisperModel(cfg).save_pretrained(tmp_path / "whisper")
+    folder = make_random_whisper(tmp_path / "whisper")
     rng = np.random.default_rng(0)
     clip, same_len, long70 = ((0.1 * rng.standard_normal(int(s * 16000))).astype(np.float32) for s in (2.5, 2.2, 70))
     for window in ("30s", "clip"):
-        spec = dict(name="whisper", model=str(tmp_path / "whisper"), layers=[2, 4], batch_size=4)
+        spec = dict(name="whisper", model=folder, layers=[2, 4], batch_size=4)
         gpu = build_encoder(EncoderSpec(**spec, num_gpus=1, options={"window": window, "dtype": dtype}))
         assert gpu.device.type == "cuda"
         alone = gpu.encode([clip])[0]
