@@ -116,6 +116,28 @@ def test_whisper_tiny_matches_ctranslate2_reference(whisper_tiny):
     np.testing.assert_allclose(out.mean(0), ref["mean"], atol=2e-5)
 
 
+def test_building_an_encoder_skips_transformers_unused_optional_imports():
+    """A fresh encoder worker does not pay for scikit-learn (assisted-generation tuning in transformers),
+    the switch transformers reads is back as it was, and the encoder is the one the reference test checks."""
+    import subprocess
+
+    code = (
+        "import sys, numpy as np, torch\n"
+        "from ralm.config import EncoderSpec\n"
+        "from ralm.encoders import build_encoder\n"
+        "enc = build_encoder(EncoderSpec(name='whisper', model='whisper-tiny.en-ct2', layers=[4]))\n"
+        "out = enc.encode([np.zeros(16000, dtype=np.float32)])[0]\n"
+        "import transformers.utils as tu\n"
+        "print('sklearn' in sys.modules, tu.is_sklearn_available(), out.shape)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    import importlib.util
+
+    installed = importlib.util.find_spec("sklearn") is not None  # librosa (torchcrepe) installs it
+    assert run.stdout.split("\n")[-2] == f"False {installed} (1, 50, 384)", run.stdout
+
+
 def test_whisper_frames_follow_the_clip_and_70s_is_chunked(whisper_tiny):
     rng = np.random.default_rng(0)
     clip70 = (0.1 * rng.standard_normal(70 * 16000)).astype(np.float32)
