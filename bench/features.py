@@ -74,6 +74,26 @@ def _rates(progress: list[tuple[float, float]], wall: float) -> dict[str, float]
             "steady_audio_s_per_s": (s75 - s25) / max(t75 - t25, 1e-9)}
 
 
+def machine_cpu() -> tuple[float, float] | None:
+    """(CPU-seconds stolen by the hypervisor, all CPU-seconds) since boot, summed over cores (Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    return (ticks[7] if len(ticks) > 7 else 0) / hz, sum(ticks[:8]) / hz
+
+
+def steal_share(before: tuple[float, float] | None) -> float | None:
+    """Share of the machine's CPU time the hypervisor took since `before` (a virtual machine whose
+    neighbours are busy runs every path slower; the paths run one after another, so it skews the ratio)."""
+    after = machine_cpu()
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return round((after[0] - before[0]) / (after[1] - before[1]), 4)
+
+
 def bench_loop(cfg, run_dir: str, t_spawn: float) -> dict:
     """The loop's progress points and its CPU-seconds per encoder (its profile)."""
     import torch
@@ -144,7 +164,7 @@ def bench_loop_processes(config: str | None, run_dirs: list[str]) -> dict[str, f
     import subprocess
     import sys
 
-    t_spawn = time.time()
+    cpu0, t_spawn = machine_cpu(), time.time()
     procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--loop-only", d, "--spawned-at",
                                repr(t_spawn)] + (["--config", config] if config else []),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for d in run_dirs]
@@ -166,7 +186,7 @@ def bench_loop_processes(config: str | None, run_dirs: list[str]) -> dict[str, f
     for r in results:
         for k, v in r["encoder_cpu_s"].items():
             cpu[k] = cpu.get(k, 0.0) + v
-    return {**_rates(progress, wall), "encoder_cpu_s": cpu}
+    return {**_rates(progress, wall), "encoder_cpu_s": cpu, "steal": steal_share(cpu0)}
 
 
 def split_corpus(src_run: str, root: str, parts: int) -> list[str]:
@@ -201,14 +221,14 @@ def bench_pool(cfg, run_dir: str) -> dict[str, float]:
     from ralm.features.plan import plan_shards, write_work_list
 
     corpus = records.data_uri(f"{run_dir}/corpus")
-    t0 = time.perf_counter()  # the driver's plan (two passes over the corpus) counts: the stage pays it
+    cpu0, t0 = machine_cpu(), time.perf_counter()  # the driver's plan (two passes over the corpus) counts: the stage pays it
     n_shards, _ = plan_shards(cfg, corpus, [describe_encoder(s) for s in cfg.features.encoders])
     work, _ = write_work_list(corpus, f"{run_dir}/features/work", n_shards, set(), set())
     seconds, progress = 0.0, []
     for batch in build_dataset(cfg, work).iter_batches(batch_size=None, batch_format="numpy"):
         seconds += float(np.sum(batch["seconds"]))
         progress.append((time.perf_counter() - t0, seconds))
-    return _rates(progress, time.perf_counter() - t0)
+    return {**_rates(progress, time.perf_counter() - t0), "steal": steal_share(cpu0)}
 
 
 def replicate_corpus(src_run: str, root: str, copies: int) -> tuple[str, int]:
@@ -345,6 +365,8 @@ def main() -> None:
         "loop_steady_audio_s_per_s": round(lp["steady_audio_s_per_s"], 3),
         "ratio_steady": round(p["steady_audio_s_per_s"] / lp["steady_audio_s_per_s"], 3),
         "load_average_1m": round(os.getloadavg()[0], 2),
+        # share of the CPU time the hypervisor took during each path (a shared VM's noisy neighbours)
+        "steal": {"loop": lp["steal"], "pool": p["steal"], **({"ceiling": cp["steal"]} if cp else {})},
     }
     if cp is not None:  # how much of what the cores give without a framework the pool keeps
         out.update({"ceiling_processes": cores, "ceiling_audio_s_per_s": round(cp["audio_s_per_s"], 3),
