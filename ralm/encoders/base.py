@@ -183,20 +183,20 @@ def build_encoder(spec: EncoderSpec) -> Encoder:
             f"unknown encoder {spec.name!r}; registered: {sorted(ENCODERS)} "
             "(or set options.kind to one of them to give an encoder another name)"
         ) from None
-    _lean_transformers_import()
     return cls(spec)
 
 
 # transformers modules that import an optional package at module level for something a frozen encoder
 # never runs, and the availability switch each one reads: assisted generation's draft-threshold tuning
 # (scikit-learn's `roc_curve`) and the object-detection losses' matcher (scipy's `linear_sum_assignment`).
-# Every transformers model class pulls both in. Measured on 2 cores: 2.8 of an encoder process's ~9 s of
+# Every transformers model class pulls both in; encoders built on transformers call
+# `lean_transformers_import` before importing it. Measured on 2 cores: 2.8 of an encoder process's ~9 s of
 # imports (scikit-learn, installed for librosa, brings scipy.stats and pandas).
 _UNUSED_OPTIONAL_IMPORTS = (("transformers.generation.candidate_generator", "is_sklearn_available"),
                             ("transformers.loss.loss_utils", "is_scipy_available"))
 
 
-def _lean_transformers_import() -> None:
+def lean_transformers_import() -> None:
     """Import those transformers modules with their switches off, then restore the switches at once: only
     the modules imported here see them off (an encoder worker starts faster; nothing else changes). With
     them already imported, or a transformers without the switches, this does nothing."""

@@ -14,7 +14,15 @@ from typing import Any
 import numpy as np
 
 from ralm.config import EncoderSpec
-from ralm.encoders.base import Encoder, EncoderInfo, feature_options, frames_for, freeze, register_encoder
+from ralm.encoders.base import (
+    Encoder,
+    EncoderInfo,
+    feature_options,
+    frames_for,
+    freeze,
+    lean_transformers_import,
+    register_encoder,
+)
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,7 @@ class HubEncoder(Encoder):
             self.net = MuQ.from_pretrained(model_id)
             self.processor = None
         else:
+            lean_transformers_import()
             from transformers import AutoFeatureExtractor, AutoModel
 
             self.net = AutoModel.from_pretrained(model_id, trust_remote_code=p.trust_remote_code)

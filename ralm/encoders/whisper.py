@@ -24,7 +24,15 @@ if TYPE_CHECKING:
     import torch
 
 from ralm.config import EncoderSpec
-from ralm.encoders.base import Encoder, EncoderInfo, feature_options, frames_for, freeze, register_encoder
+from ralm.encoders.base import (
+    Encoder,
+    EncoderInfo,
+    feature_options,
+    frames_for,
+    freeze,
+    lean_transformers_import,
+    register_encoder,
+)
 
 SAMPLE_RATE = 16000
 WINDOW_S = 30.0
@@ -88,6 +96,8 @@ class WhisperEncoder(Encoder):
     def __init__(self, spec: EncoderSpec):
         super().__init__(spec)
         import torch
+
+        lean_transformers_import()
         from transformers import WhisperFeatureExtractor
 
         kind, where = resolve_model(spec.model)
