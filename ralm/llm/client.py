@@ -8,7 +8,8 @@ The one function stages call:
 
 - `rows`: any iterable of dicts (a list, a generator, `ds.iter_rows()`), or a `ray.data.Dataset` (streamed
   with `iter_rows`). Rows are pulled lazily: at most `cfg.llm.serve.max_in_flight` requests are pending,
-  so driver memory does not grow with the corpus (backpressure).
+  so driver memory does not grow with the corpus (backpressure). Across all calls in a process (a stage's
+  parts run at once), at most `deployment_capacity` requests are sent at a time: what the replicas accept.
 - `make_messages(row)` returns the chat messages (list of {"role", "content"}), or a `ChatRequest` for
   per-row sampling/n. If it raises, the row gets a `bad_request` error result.
 - Results come back in completion order (not input order): key them by the row's id.
@@ -30,7 +31,9 @@ the deployment (for the rephrase report).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -57,14 +60,39 @@ def _classify(e: BaseException) -> str:
     return "engine_error"
 
 
-def send(handle: Any, req: ChatRequest, timeout_s: float, max_retries: int) -> list[Completion]:
-    """One request with retries; never raises for a request-level failure."""
+def deployment_capacity(llm_cfg: Any) -> int:
+    """Requests the LLM deployment takes at once: replicas (autoscaling: its maximum) x max_ongoing_requests."""
+    s = _llm_cfg(llm_cfg).serve
+    return (s.autoscaling.max_replicas if s.autoscaling is not None else s.num_replicas) * s.max_ongoing_requests
+
+
+_GATES: dict[tuple[str, int], threading.BoundedSemaphore] = {}
+_GATES_LOCK = threading.Lock()
+_NO_GATE = contextlib.nullcontext()
+
+
+def capacity_gate(llm_cfg: Any) -> threading.BoundedSemaphore:
+    """The process-wide limit on requests sent to one app. A request beyond what the replicas accept waits
+    in Serve's router, which retries it with backoff and probes every replica's queue length each time:
+    with the replicas' CPUs busy the probes miss their 0.1 s deadline and the router floods the log with
+    warnings (measured, demo on 2 cores: 2 parts x 32 in flight vs 2 replicas x 16). Waiting here costs
+    nothing and keeps the probes off the busy replicas."""
+    key = (_llm_cfg(llm_cfg).serve.app_name, deployment_capacity(llm_cfg))
+    with _GATES_LOCK:
+        return _GATES.setdefault(key, threading.BoundedSemaphore(key[1]))
+
+
+def send(handle: Any, req: ChatRequest, timeout_s: float, max_retries: int,
+         gate: threading.BoundedSemaphore | None = None) -> list[Completion]:
+    """One request with retries; never raises for a request-level failure. With `gate`, each attempt holds
+    one of its slots while the request is out (not while backing off)."""
     last = "engine_error: unknown"
     for attempt in range(max_retries + 1):
         resp = None
         try:
-            resp = handle.chat.remote(req.to_dict())
-            return [Completion.from_dict(d) for d in resp.result(timeout_s=timeout_s)]
+            with gate if gate is not None else _NO_GATE:
+                resp = handle.chat.remote(req.to_dict())
+                return [Completion.from_dict(d) for d in resp.result(timeout_s=timeout_s)]
         except Exception as e:  # noqa: BLE001 - every failure becomes a retry, then an error result
             kind = _classify(e)
             last = f"{kind}: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
@@ -109,6 +137,7 @@ def complete_rows(
         bar = tqdm(desc="llm requests", unit="req")
     it = iter(rows)
     pending: dict[Future, dict] = {}
+    gate = capacity_gate(llm)
     pool = ThreadPoolExecutor(max_workers=s.max_in_flight, thread_name_prefix="ralm-llm-client")
     try:
         exhausted = False
@@ -126,7 +155,7 @@ def complete_rows(
                     f.set_result([Completion.failed(f"bad_request: {type(e).__name__}: {e}") for _ in range(n)])
                     pending[f] = row
                     continue
-                pending[pool.submit(send, handle, req, s.request_timeout_s, s.max_retries)] = row
+                pending[pool.submit(send, handle, req, s.request_timeout_s, s.max_retries, gate)] = row
             if not pending:
                 break
             done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
@@ -176,8 +205,9 @@ def score_nll(conversations: list[list[dict]], targets: list[str], cfg: Any, han
     s = _llm_cfg(cfg).serve
     out: list[float] = []
     starts = list(range(0, len(targets), chunk))
-    for w in range(0, len(starts), s.max_in_flight):  # bounded: at most max_in_flight chunks pending
+    window = max(1, min(s.max_in_flight, deployment_capacity(cfg)))
+    for w in range(0, len(starts), window):  # bounded: at most `window` chunks pending
         responses = [handle.nll.remote(conversations[i:i + chunk], targets[i:i + chunk])
-                     for i in starts[w:w + s.max_in_flight]]
+                     for i in starts[w:w + window]]
         out.extend(x for r in responses for x in r.result(timeout_s=s.request_timeout_s))
     return out

@@ -182,3 +182,69 @@ def test_replica_killed_mid_batch_all_rows_complete(service, llm_cfg, caplog):
 def test_tiny_model_is_safetensors(tiny_model: str):
     files = {p.name for p in Path(tiny_model).iterdir()}
     assert "model.safetensors" in files and "config.json" in files and "tokenizer.json" in files
+
+
+class _CountingHandle:
+    """A real Serve handle, counting the client's requests that are out at once (sent, result not back)."""
+
+    def __init__(self, handle) -> None:
+        self.handle, self.out, self.peak, self.lock = handle, 0, 0, threading.Lock()
+        self.chat = self  # the client calls handle.chat.remote(...)
+
+    def remote(self, req):
+        with self.lock:
+            self.out += 1
+            self.peak = max(self.peak, self.out)
+        resp, spy = self.handle.chat.remote(req), self
+
+        class _Response:
+            def result(self, timeout_s=None):
+                try:
+                    return resp.result(timeout_s=timeout_s)
+                finally:
+                    with spy.lock:
+                        spy.out -= 1
+
+            def cancel(self):
+                resp.cancel()
+
+        return _Response()
+
+
+def test_client_sends_no_more_than_the_replicas_take(service, llm_cfg):
+    """Two streams at once (a stage's parts), 6 in flight each, against one replica that takes 2: the
+    client holds the rest itself, so Serve's router never retries (and warns about) an unroutable request."""
+    import time
+
+    from ray import serve
+
+    from ralm.llm.client import complete_rows, deployment_capacity
+
+    @serve.deployment(num_replicas=1, max_ongoing_requests=2, ray_actor_options={"num_cpus": 0.1})
+    class SlowChat:
+        def chat(self, req: dict) -> list[dict]:
+            time.sleep(0.2)
+            return [{"text": req["messages"][0]["content"], "finish_reason": "stop"}]
+
+    cfg = llm_cfg.model_copy(deep=True)
+    cfg.serve.app_name, cfg.serve.num_replicas, cfg.serve.max_ongoing_requests = "gate-test", 1, 2
+    cfg.serve.max_in_flight = 6
+    assert deployment_capacity(cfg) == 2
+    handle = _CountingHandle(serve.run(SlowChat.bind(), name="gate-test", route_prefix="/gate-test"))
+    got: dict[str, str] = {}
+
+    def stream(part: int) -> None:
+        rows = [{"id": f"{part}-{i}"} for i in range(8)]
+        for row, comps in complete_rows(rows, lambda r: [{"role": "user", "content": r["id"]}], cfg, handle=handle):
+            got[row["id"]] = comps[0].text
+
+    try:
+        parts = [threading.Thread(target=stream, args=(k,)) for k in range(2)]
+        for t in parts:
+            t.start()
+        for t in parts:
+            t.join(120)
+        assert got == {f"{k}-{i}": f"{k}-{i}" for k in range(2) for i in range(8)}
+        assert handle.peak == 2  # the replica's capacity, used in full, never exceeded (12 without the gate)
+    finally:
+        serve.delete("gate-test")

@@ -72,3 +72,27 @@ def test_missing_config_file():
 def test_autoscaling_bounds_checked():
     with pytest.raises(ConfigError, match="max_replicas"):
         validate({"llm": {"serve": {"autoscaling": {"min_replicas": 3, "max_replicas": 1}}}})
+
+
+def test_llm_client_capacity_is_what_the_replicas_take():
+    from ralm.llm.client import capacity_gate, deployment_capacity
+
+    fixed = validate({"llm": {"serve": {"num_replicas": 3, "max_ongoing_requests": 5}}})
+    scaled = validate({"llm": {"serve": {"num_replicas": 1, "max_ongoing_requests": 4,
+                                         "autoscaling": {"min_replicas": 1, "max_replicas": 6}}}})
+    assert deployment_capacity(fixed) == 15 and deployment_capacity(scaled.llm) == 24  # at its largest
+    assert capacity_gate(fixed) is capacity_gate(fixed.llm)  # one gate per app, shared by every caller
+
+
+def test_llm_replicas_log_vllm_warnings_only_unless_asked(monkeypatch):
+    from ralm.llm.serve import deployment_options
+
+    llm = validate({}).llm
+    monkeypatch.delenv("RALM_VERBOSE", raising=False)
+    monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
+    env = deployment_options(llm)["ray_actor_options"]["runtime_env"]["env_vars"]
+    assert env["VLLM_LOGGING_LEVEL"] == "WARNING" and env["HF_HUB_OFFLINE"] == "1"
+    monkeypatch.setenv("RALM_VERBOSE", "1")
+    assert deployment_options(llm)["ray_actor_options"]["runtime_env"]["env_vars"]["VLLM_LOGGING_LEVEL"] == "INFO"
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")  # a user's own setting wins
+    assert deployment_options(llm)["ray_actor_options"]["runtime_env"]["env_vars"]["VLLM_LOGGING_LEVEL"] == "DEBUG"
