@@ -310,3 +310,14 @@ def test_backend_error_fails_only_its_request(engine, monkeypatch):
     assert [c.reason for c in out[1]] == ["engine_error"] * 2 and "RuntimeError: kaput" in out[1][0].error
     out = asyncio.run(engine.achat_requests([ChatRequest(CONV, Sampling.of(GREEDY), 1)] * 3))
     assert out[0][0].ok and out[1][0].reason == "engine_error" and out[2][0].ok
+
+
+def test_vllm_runs_bf16_on_cpu_only_where_the_cpu_has_bf16_instructions():
+    from ralm.llm.engines.vllm import engine_dtype
+
+    with open("/proc/cpuinfo") as f:  # the kernel's view of the CPU, read here independently
+        words = f.read().split()
+    native = any(w in ("avx512_bf16", "amx_bf16", "bf16") for w in words)
+    assert engine_dtype("auto", gpu=False) == ("bfloat16" if native else "float32")
+    assert engine_dtype("auto", gpu=True) == "auto"  # the checkpoint's dtype on a GPU
+    assert engine_dtype("bfloat16", gpu=False) == "bfloat16"  # an explicit choice is kept

@@ -42,6 +42,32 @@ def _on_gpu() -> bool:
         return False
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware: x86 AVX512-BF16 or AMX, Arm's BF16 extension."""
+    try:
+        import torch
+
+        if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+            return True
+    except Exception:  # noqa: BLE001 - private torch helpers: fall back to the kernel's flags
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def engine_dtype(dtype: str, gpu: bool) -> str:
+    """vLLM's dtype for `llm.dtype`. `auto` on a GPU: the checkpoint's. On a CPU: bfloat16 where the CPU
+    has bf16 instructions, else float32: without them every bf16 matmul is emulated (measured on a
+    2-core AVX2 EPYC, SmolLM2-135M, 32 prompts x 32 tokens, greedy: 11.9 tokens/s in bf16, 78.9 in fp32)."""
+    if dtype != "auto" or gpu:
+        return dtype
+    return "bfloat16" if cpu_has_native_bf16() else "float32"
+
+
 class EngineDied(RuntimeError):
     """The engine's step loop has stopped (a crash, or `close()`): it serves nothing any more."""
 
@@ -172,7 +198,7 @@ class VLLMEngine(Engine):
         kwargs: dict[str, Any] = dict(
             model=model_path,
             tokenizer=model_path,
-            dtype=llm_cfg.dtype if llm_cfg.dtype != "auto" else ("auto" if gpu else "bfloat16"),
+            dtype=engine_dtype(llm_cfg.dtype, gpu),
             max_model_len=llm_cfg.max_model_len,
             tensor_parallel_size=llm_cfg.tensor_parallel_size,
             enable_prefix_caching=llm_cfg.enable_prefix_caching,
