@@ -11,7 +11,7 @@ log = logging.getLogger(__name__)
 # Environment variables that Ray workers must see (storage endpoint, thread caps, offline hubs).
 _FORWARDED_ENV = ("RALM_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                   "AWS_DEFAULT_REGION", "RALM_CACHE_DIR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-                  "VLLM_LOGGING_LEVEL", "RALM_VERBOSE")
+                  "VLLM_LOGGING_LEVEL")
 
 
 def runtime_env_vars() -> dict[str, str]:

@@ -83,14 +83,14 @@ def capacity_gate(llm_cfg: Any) -> threading.BoundedSemaphore:
 
 
 def send(handle: Any, req: ChatRequest, timeout_s: float, max_retries: int,
-         gate: threading.BoundedSemaphore | None = None) -> list[Completion]:
+         gate: contextlib.AbstractContextManager = _NO_GATE) -> list[Completion]:
     """One request with retries; never raises for a request-level failure. With `gate`, each attempt holds
     one of its slots while the request is out (not while backing off)."""
     last = "engine_error: unknown"
     for attempt in range(max_retries + 1):
         resp = None
         try:
-            with gate if gate is not None else _NO_GATE:
+            with gate:
                 resp = handle.chat.remote(req.to_dict())
                 return [Completion.from_dict(d) for d in resp.result(timeout_s=timeout_s)]
         except Exception as e:  # noqa: BLE001 - every failure becomes a retry, then an error result

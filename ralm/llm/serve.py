@@ -151,16 +151,16 @@ def deployment_options(llm_cfg: Any) -> dict[str, Any]:
     s = llm_cfg.serve
     from ralm.cluster import runtime_env_vars
 
+    verbose = bool(os.environ.get("RALM_VERBOSE"))
     env = runtime_env_vars()
     # vLLM's start-up INFO lines (~15 per replica) bury the stage's progress bar; its warnings stay.
-    env.setdefault("VLLM_LOGGING_LEVEL", "INFO" if os.environ.get("RALM_VERBOSE") else "WARNING")
+    env.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
     opts: dict[str, Any] = {
         "max_ongoing_requests": s.max_ongoing_requests,
         "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus, "runtime_env": {"env_vars": env}},
         "health_check_period_s": 10,
         # One access-log line per request drowns the stage's progress bar; RALM_VERBOSE=1 brings it back.
-        "logging_config": {"log_level": "INFO" if os.environ.get("RALM_VERBOSE") else "WARNING",
-                           "enable_access_log": bool(os.environ.get("RALM_VERBOSE"))},
+        "logging_config": {"log_level": "INFO" if verbose else "WARNING", "enable_access_log": verbose},
     }
     if s.autoscaling is not None:
         a = s.autoscaling
