@@ -84,11 +84,16 @@ def encoder_spec(info: Any, specs: Sequence[EncoderSpec] = ()) -> EncoderSpec:
 
 
 # ---------------------------------------------------------------------------------------------- back ends
+OnText = Callable[[str], None]  # receives each new piece of a streamed answer's text, in order
+
+
 class Backend:
-    """Generates from a list of prompt embeddings (or token ids for text-only prompts)."""
+    """Generates from a list of prompt embeddings (or token ids for text-only prompts). With `on_text`
+    (one prompt only) the answer's text is also handed over piece by piece as it is generated; the pieces
+    join to the returned text."""
 
     def generate(self, prompts: Sequence[dict[str, Any]], max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = 0) -> list[Generation]:
+                 top_p: float = 1.0, seed: int | None = 0, on_text: OnText | None = None) -> list[Generation]:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -106,6 +111,40 @@ def register_backend(name: str) -> Callable[[Callable[..., Backend]], Callable[.
     return deco
 
 
+class TextStreamer:
+    """A `generate(streamer=...)` that decodes the new tokens as they come and hands `on_text` the text
+    they add. Text is held back while it ends in an incomplete character (a multi-byte character split
+    over tokens decodes as U+FFFD until its last byte arrives)."""
+
+    def __init__(self, tokenizer: Any, eos_ids: Sequence[int], on_text: OnText):
+        self.tok, self.eos, self.on_text = tokenizer, set(eos_ids), on_text
+        self.ids: list[int] = []
+        self.sent = ""
+        self.prompt_seen = False
+        self.stopped = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first puts the prompt (empty when it is given as embeddings)
+            self.prompt_seen = True
+            return
+        for t in value.reshape(-1).tolist():
+            if self.stopped or t in self.eos:
+                self.stopped = True
+                return
+            self.ids.append(int(t))
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            self.emit(text)
+
+    def emit(self, text: str) -> None:
+        if text.startswith(self.sent) and len(text) > len(self.sent):
+            self.on_text(text[len(self.sent):])
+            self.sent = text
+
+    def end(self) -> None:
+        pass
+
+
 @register_backend("transformers")
 class TransformersBackend(Backend):
     """The ALM's frozen HF model, one prompt at a time (exact; fine for CPU and small models)."""
@@ -120,7 +159,7 @@ class TransformersBackend(Backend):
 
     @torch.no_grad()
     def _one(self, prompt: dict[str, Any], max_new_tokens: int, temperature: float, top_p: float,
-             seed: int | None) -> Generation:
+             seed: int | None, on_text: OnText | None = None) -> Generation:
         llm = self.alm.llm
         if "prompt_embeds" in prompt:
             emb = prompt["prompt_embeds"].to(llm.device)[None]
@@ -136,10 +175,14 @@ class TransformersBackend(Backend):
             torch.manual_seed(seed)
         kw: dict[str, Any] = ({"do_sample": True, "temperature": temperature, "top_p": top_p} if sample
                               else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None})
+        streamer = TextStreamer(self.alm.tokenizer, self.eos_ids, on_text) if on_text else None
         out = llm.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=self.eos_ids,
-                           pad_token_id=self.pad_id, **kw)
+                           pad_token_id=self.pad_id, streamer=streamer, **kw)
         new = out[0, n_prompt:] if "input_ids" in inputs else out[0]
-        return self._generation(new.tolist(), n_prompt, max_new_tokens)
+        gen = self._generation(new.tolist(), n_prompt, max_new_tokens)
+        if streamer is not None:
+            streamer.emit(gen.text)  # whatever was held back at the end
+        return gen
 
     def _generation(self, row: Sequence[int], n_prompt: int, max_new_tokens: int) -> Generation:
         toks, finish = cut_at_eos(row, self.eos_ids)
@@ -164,11 +207,13 @@ class TransformersBackend(Backend):
         return [self._generation(row, e.shape[0], max_new_tokens) for e, row in zip(embs, out.tolist(), strict=True)]
 
     def generate(self, prompts: Sequence[dict[str, Any]], max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = 0) -> list[Generation]:
+                 top_p: float = 1.0, seed: int | None = 0, on_text: OnText | None = None) -> list[Generation]:
         # One prompt (chat, serving, the text check) takes the exact single-sequence path; greedy batches
         # are padded together (several times faster on CPU; numerics may differ in the last bits).
+        if on_text is not None and len(prompts) != 1:
+            raise ValueError("streaming (on_text) takes exactly one prompt")
         if len(prompts) == 1 or temperature > 0 or self.batch_size <= 1:
-            return [self._one(p, max_new_tokens, temperature, top_p, seed) for p in prompts]
+            return [self._one(p, max_new_tokens, temperature, top_p, seed, on_text) for p in prompts]
         out: list[Generation] = []
         for s in range(0, len(prompts), self.batch_size):
             out.extend(self._batch(prompts[s : s + self.batch_size], max_new_tokens))
@@ -198,7 +243,8 @@ class VLLMBackend(Backend):
         self._lock = threading.Lock()
 
     def generate(self, prompts: Sequence[dict[str, Any]], max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = 0) -> list[Generation]:
+                 top_p: float = 1.0, seed: int | None = 0, on_text: OnText | None = None) -> list[Generation]:
+        # The offline LLM returns whole answers: a streamed request gets its answer as one piece.
         from vllm import SamplingParams
         from vllm.inputs import EmbedsPrompt, TokensPrompt
 
@@ -215,6 +261,8 @@ class VLLMBackend(Backend):
             n_prompt = int(p["prompt_embeds"].shape[0]) if "prompt_embeds" in p else len(p["prompt_token_ids"])
             result.append(Generation(c.text, n_prompt, len(c.token_ids),
                                      "stop" if c.finish_reason == "stop" else "length"))
+        if on_text is not None and result and result[0].text:
+            on_text(result[0].text)
         return result
 
     def close(self) -> None:
@@ -264,6 +312,7 @@ class ALMInference:
             opts.setdefault("llm_path", self.alm.meta.get("llm_path"))
         self.backend = BACKENDS[backend](self.alm, **opts)
         self._lock = threading.Lock()
+        self._layouts: dict[str, Any] = {}
         self._priors: dict[tuple[str, tuple[str, ...], str], list[float]] = {}
 
     # ------------------------------------------------------------------------------------------ audio
@@ -295,10 +344,24 @@ class ALMInference:
         return load_item_audio(str(audio), rate), rate
 
     # ------------------------------------------------------------------------------------------ prompts
+    def layout(self, system: str | None = None) -> Any:
+        """The chat layout the adapter was trained with, or the same template with another system turn."""
+        if system is None or system == self.alm.layout.system_prompt:
+            return self.alm.layout
+        if system not in self._layouts:
+            from ralm.model.chat import ChatLayout
+
+            if len(self._layouts) >= 64:  # a client varying its system prompt must not grow this without end
+                self._layouts.clear()
+            self._layouts[system] = ChatLayout(self.alm.tokenizer, system or None, self.alm.layout.separator)
+        return self._layouts[system]
+
     @torch.no_grad()
-    def prompt(self, features: list[dict[str, np.ndarray]] | None, question: str) -> dict[str, Any]:
-        """`{"prompt_token_ids"}` for text only, else `{"prompt_embeds": (S, D)}`."""
-        layout = self.alm.layout
+    def prompt(self, features: list[dict[str, np.ndarray]] | None, question: str,
+               system: str | None = None) -> dict[str, Any]:
+        """`{"prompt_token_ids"}` for text only, else `{"prompt_embeds": (S, D)}`. `system`: a system turn
+        instead of the one the adapter was trained with (ALARM trains without one)."""
+        layout = self.layout(system)
         if features is None:
             return {"prompt_token_ids": layout.text_prompt_ids(question)}
         parts = [self.alm.embed_ids(layout.prefix_ids)]
@@ -327,8 +390,10 @@ class ALMInference:
 
     # ------------------------------------------------------------------------------------------ answering
     def generate(self, requests: Sequence[tuple[AudioInput, str]], max_new_tokens: int = 256,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = 0) -> list[Generation]:
-        """Answer each (audio, question); an audio that cannot be decoded fails alone (finish 'error')."""
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = 0, system: str | None = None,
+                 on_text: OnText | None = None) -> list[Generation]:
+        """Answer each (audio, question); an audio that cannot be decoded fails alone (finish 'error').
+        `on_text` (one request): the answer's text piece by piece as it is generated (see `Backend`)."""
         prompts: list[dict[str, Any] | None] = []
         errors: list[str | None] = []
         with self._lock:
@@ -336,13 +401,13 @@ class ALMInference:
                 try:
                     loaded = self.load(audio)
                     feats = None if loaded is None else self.featurize(*loaded)
-                    prompts.append(self.prompt(feats, question))
+                    prompts.append(self.prompt(feats, question, system))
                     errors.append(None)
                 except AudioError as e:
                     prompts.append(None)
                     errors.append(f"{e.reason}: {e.detail}")
             ok = [p for p in prompts if p is not None]
-            gens = iter(self.backend.generate(ok, max_new_tokens, temperature, top_p, seed) if ok else [])
+            gens = iter(self.backend.generate(ok, max_new_tokens, temperature, top_p, seed, on_text) if ok else [])
         return [next(gens) if p is not None else Generation("", 0, 0, "error", err)
                 for p, err in zip(prompts, errors, strict=True)]
 

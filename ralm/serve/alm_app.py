@@ -8,9 +8,12 @@
     stop_alm(svc)
 
 A request is one user message: text parts (the question) and at most one `input_audio` part (base64
-wav or flac); without audio the ALM answers exactly as the frozen LLM. Limits (`eval.serve`): audio bytes
-(413) and seconds (400); audio that does not decode is a 400 that says why. A bad request never takes the
-replica down. Binds 127.0.0.1 unless configured otherwise.
+wav, mp3, flac, ogg/opus, m4a/aac or webm), optionally after system (or developer) messages, which become
+the prompt's system turn (ALARM trains without one: the adapter has not seen it, the frozen LLM has).
+Without audio the ALM answers exactly as the frozen LLM. `stream: true` answers with server-sent
+`chat.completion.chunk` events as tokens are generated (`stream_options.include_usage` adds the usage
+chunk). Limits (`eval.serve`): audio bytes (413) and seconds (400); audio that does not decode is a 400
+that says why. A bad request never takes the replica down. Binds 127.0.0.1 unless configured otherwise.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import json
 import logging
 import os
 import tempfile
@@ -27,13 +31,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "ralm-alm"
-AUDIO_FORMATS = ("wav", "flac")
+# OpenAI's input_audio formats are wav and mp3; the others decode the same way (libsndfile, else FFmpeg).
+AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg", "opus", "m4a", "aac", "webm")
 
 api = FastAPI(title="ralm ALM")
 
@@ -59,6 +64,18 @@ class ParsedRequest:
     temperature: float
     top_p: float
     seed: int | None
+    system: str | None = None
+    stream: bool = False
+    include_usage: bool = False
+
+
+def _text_content(content: Any, param: str) -> str:
+    """A message's text: a string or a list of text parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        return "\n".join(str(p.get("text") or "") for p in content)
+    raise RequestError(400, "a system message's content must be text", "invalid_request", param)
 
 
 def parse_request(body: Any, max_audio_bytes: int, max_new_tokens: int) -> ParsedRequest:
@@ -66,21 +83,29 @@ def parse_request(body: Any, max_audio_bytes: int, max_new_tokens: int) -> Parse
     if not isinstance(body, dict):
         raise RequestError(400, "the request body must be a JSON object", "invalid_request")
     messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError(400, "messages must be a non-empty list", "invalid_request", "messages")
-    if len(messages) != 1 or not isinstance(messages[0], dict) or messages[0].get("role") != "user":
-        raise RequestError(400, "send exactly one user message (multi-turn and system messages are not "
-                           "supported: the ALM was trained on single user turns without a system prompt)",
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise RequestError(400, "messages must be a non-empty list of message objects", "invalid_request",
+                           "messages")
+    roles = [m.get("role") for m in messages]
+    n_system = next((i for i, r in enumerate(roles) if r not in ("system", "developer")), len(roles))
+    if roles[n_system:] != ["user"]:
+        raise RequestError(400, f"send one user message, optionally after system messages (got roles {roles}): "
+                           "multi-turn conversations are not supported, the ALM was trained on single user turns",
                            "unsupported", "messages")
-    if body.get("stream"):
-        raise RequestError(400, "stream=true is not supported", "unsupported", "stream")
+    system = "\n\n".join(_text_content(m.get("content"), f"messages[{i}].content")
+                          for i, m in enumerate(messages[:n_system])) if n_system else None
+    stream = body.get("stream") is True
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise RequestError(400, "stream_options must be an object", "invalid_request", "stream_options")
     if int(body.get("n") or 1) != 1:
         raise RequestError(400, "n must be 1", "unsupported", "n")
-    content = messages[0].get("content")
+    user = n_system
+    content = messages[user].get("content")
     parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
     if not isinstance(parts, list):
         raise RequestError(400, "message content must be a string or a list of content parts", "invalid_request",
-                           "messages[0].content")
+                           f"messages[{user}].content")
     texts, audio, fmt = [], None, None
     for i, part in enumerate(parts):
         kind = part.get("type") if isinstance(part, dict) else None
@@ -89,11 +114,12 @@ def parse_request(body: Any, max_audio_bytes: int, max_new_tokens: int) -> Parse
         elif kind == "input_audio":
             if audio is not None:
                 raise RequestError(400, "at most one input_audio part per request", "unsupported",
-                                   f"messages[0].content[{i}]")
-            audio, fmt = _decode_audio_part(part.get("input_audio"), max_audio_bytes, f"messages[0].content[{i}]")
+                                   f"messages[{user}].content[{i}]")
+            audio, fmt = _decode_audio_part(part.get("input_audio"), max_audio_bytes,
+                                            f"messages[{user}].content[{i}]")
         else:
             raise RequestError(400, f"content part type {kind!r} is not supported (use text and input_audio)",
-                               "unsupported", f"messages[0].content[{i}]")
+                               "unsupported", f"messages[{user}].content[{i}]")
     question = "\n".join(t for t in texts if t).strip()
     if not question and audio is None:
         raise RequestError(400, "the message has neither text nor audio", "invalid_request", "messages")
@@ -107,12 +133,13 @@ def parse_request(body: Any, max_audio_bytes: int, max_new_tokens: int) -> Parse
         raise RequestError(400, f"bad sampling parameter: {e}", "invalid_request") from None
     if max_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
         raise RequestError(400, "need max_tokens >= 1, temperature >= 0, 0 < top_p <= 1", "invalid_request")
-    return ParsedRequest(question or "Describe the audio.", audio, fmt, max_tokens, temperature, top_p, seed)
+    return ParsedRequest(question or "Describe the audio.", audio, fmt, max_tokens, temperature, top_p, seed,
+                         system, stream, bool(stream_options.get("include_usage")))
 
 
 def _decode_audio_part(obj: Any, max_bytes: int, param: str) -> tuple[bytes, str]:
     if not isinstance(obj, dict) or not isinstance(obj.get("data"), str):
-        raise RequestError(400, "input_audio must be {\"data\": <base64>, \"format\": \"wav\"|\"flac\"}",
+        raise RequestError(400, "input_audio must be {\"data\": <base64>, \"format\": \"wav\"|\"mp3\"|...}",
                            "invalid_audio", param)
     fmt = str(obj.get("format") or "wav").lower()
     if fmt not in AUDIO_FORMATS:
@@ -160,6 +187,12 @@ def decode_audio(raw: bytes, fmt: str, sample_rate: int, max_seconds: float) -> 
         os.unlink(path)
 
 
+# Defined before the deployment: `serve.ingress` pickles the app (and the globals its routes use) at import.
+def _usage(gen: Any) -> dict[str, int]:
+    return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
+            "total_tokens": gen.prompt_tokens + gen.completion_tokens}
+
+
 @serve.deployment(name="ALMServer")
 @serve.ingress(api)
 class ALMServer:
@@ -201,9 +234,10 @@ class ALMServer:
                 audio = (wav, self.sample_rate)
         except RequestError as e:
             return _error(e.status, e.message, e.code, e.param)
+        if req.stream:
+            return StreamingResponse(self._stream(req, audio), media_type="text/event-stream")
         try:
-            gen = (await asyncio.to_thread(self.engine.generate, [(audio, req.question)], req.max_tokens,
-                                           req.temperature, req.top_p, req.seed))[0]
+            gen = (await asyncio.to_thread(self._generate, req, audio))[0]
         except Exception as e:  # the replica keeps serving; the client learns what failed
             log.exception("ALM generation failed")
             return _error(500, f"generation failed: {type(e).__name__}: {e}", "engine_error")
@@ -216,9 +250,58 @@ class ALMServer:
             "model": self.model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.text},
                          "finish_reason": gen.finish_reason, "logprobs": None}],
-            "usage": {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
-                      "total_tokens": gen.prompt_tokens + gen.completion_tokens},
+            "usage": _usage(gen),
         }
+
+    def _generate(self, req: ParsedRequest, audio: Any, on_text: Any = None) -> list[Any]:
+        return self.engine.generate([(audio, req.question)], req.max_tokens, req.temperature, req.top_p, req.seed,
+                                    system=req.system, on_text=on_text)
+
+    async def _stream(self, req: ParsedRequest, audio: Any) -> Any:
+        """Server-sent events as OpenAI streams them: a role chunk, content chunks as the tokens come, a
+        finish chunk, the usage chunk if asked for, `[DONE]`. A failure mid-stream is an `error` event."""
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def event(payload: dict) -> str:
+            return f"data: {json.dumps(payload)}\n\n"
+
+        def chunk(delta: dict, finish: str | None = None) -> str:
+            return event({"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
+                          "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]})
+
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[str] = asyncio.Queue()
+        # Pieces are queued from the generation thread in order, and before the task's own result lands.
+        task = asyncio.ensure_future(asyncio.to_thread(
+            self._generate, req, audio, lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text)))
+        yield chunk({"role": "assistant", "content": ""})
+        while True:
+            get = asyncio.ensure_future(pieces.get())
+            done, _ = await asyncio.wait({get, task}, return_when=asyncio.FIRST_COMPLETED)
+            if get not in done:
+                get.cancel()
+                break
+            yield chunk({"content": get.result()})
+        while not pieces.empty():
+            yield chunk({"content": pieces.get_nowait()})
+        try:
+            gen = task.result()[0]
+        except Exception as e:
+            log.exception("ALM generation failed mid-stream")
+            gen, error = None, {"message": f"generation failed: {type(e).__name__}: {e}", "type": "server_error",
+                                "code": "engine_error", "param": None}
+        else:
+            error = None if gen.finish_reason != "error" else {
+                "message": f"input_audio could not be used: {gen.error}", "type": "invalid_request_error",
+                "code": "invalid_audio", "param": "input_audio"}
+        if error is not None:
+            yield event({"error": error})
+        else:
+            yield chunk({}, gen.finish_reason)
+            if req.include_usage:
+                yield event({"id": cid, "object": "chat.completion.chunk", "created": created,
+                             "model": self.model_name, "choices": [], "usage": _usage(gen)})
+        yield "data: [DONE]\n\n"
 
 
 # ---------------------------------------------------------------------------------------------- start / stop

@@ -62,6 +62,10 @@ def test_serve_openai_client(ray_local, tiny_export, tmp_path):
         flac = client.chat.completions.create(model=svc.model, messages=_audio_msg(_wav_bytes(0.5, "FLAC"), "flac"),
                                               max_tokens=4)
         assert flac.usage.completion_tokens == 4
+        # mp3 is OpenAI's other input_audio format (decoded like the corpus decodes mp3)
+        mp3 = client.chat.completions.create(model=svc.model, messages=_audio_msg(_wav_bytes(1.0, "MP3"), "mp3"),
+                                             max_tokens=4)
+        assert mp3.usage.completion_tokens == 4 and mp3.usage.prompt_tokens == ok.usage.prompt_tokens
         # Greedy by default: the same clip and question give the same answer; another clip changes the prompt.
         again = client.chat.completions.create(model=svc.model, messages=_audio_msg(_wav_bytes(1.0)), max_tokens=6)
         assert again.choices[0].message.content == ok.choices[0].message.content
@@ -70,17 +74,35 @@ def test_serve_openai_client(ray_local, tiny_export, tmp_path):
             model=svc.model, messages=[{"role": "user", "content": "Hello"}], max_tokens=4)
         assert text_only.usage.prompt_tokens < ok.usage.prompt_tokens
 
+        # Streaming: server-sent chunks as the tokens come, joining to the same greedy answer.
+        chunks = list(client.chat.completions.create(model=svc.model, messages=_audio_msg(_wav_bytes(1.0)),
+                                                     max_tokens=6, stream=True, stream_options={"include_usage": True}))
+        deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+        assert "".join(deltas) == ok.choices[0].message.content and len(deltas) > 1
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+        assert chunks[-1].usage.completion_tokens == 6 and chunks[-1].usage.prompt_tokens == ok.usage.prompt_tokens
+        assert len({c.id for c in chunks}) == 1
+
+        # A system message becomes the prompt's system turn (clients often send one).
+        system = [{"role": "system", "content": "Answer briefly."}]
+        sys_reply = client.chat.completions.create(model=svc.model, messages=system + _audio_msg(_wav_bytes(1.0)),
+                                                   max_tokens=6)
+        assert sys_reply.usage.prompt_tokens > ok.usage.prompt_tokens and sys_reply.usage.completion_tokens == 6
+
         bad_cases = [
             (_audio_msg(b"RIFF....WAVEfmt this is not audio at all" * 10), 400, "could not be decoded"),
             (_audio_msg("!!!not base64!!!"), 400, "not valid base64"),
             (_audio_msg(_wav_bytes(3.0)), 400, "> limit 2 s"),  # 3 s clip, limit 2 s (96 KB: under the MB limit)
-            (_audio_msg(_wav_bytes(1.0), "mp3"), 400, "not supported"),
+            (_audio_msg(_wav_bytes(1.0), "aiff"), 400, "not supported"),
+            (_audio_msg(_wav_bytes(1.0)) + [{"role": "assistant", "content": "a tone"},
+                                            {"role": "user", "content": "louder?"}], 400, "multi-turn"),
             (_audio_msg(b"\0" * 400_000), 413, "MB > limit"),  # over the byte limit, refused before decoding
             ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], 400, "not supported"),
         ]
-        for messages, status, text in bad_cases:
-            with pytest.raises(openai.APIStatusError) as err:
-                client.chat.completions.create(model=svc.model, messages=messages, max_tokens=4)
+        for (messages, status, text), stream in zip(bad_cases, [False, True] * len(bad_cases)):
+            with pytest.raises(openai.APIStatusError) as err:  # a streamed request is refused the same way
+                client.chat.completions.create(model=svc.model, messages=messages, max_tokens=4, stream=stream)
             assert err.value.status_code == status, err.value
             assert text in err.value.message
 

@@ -52,6 +52,38 @@ def test_single_clip_answer_and_bad_audio(engine, exports, write_wav):
     assert chat(exports[0], str(clip), "What do you hear?", max_new_tokens=6) == a
 
 
+def test_streamed_pieces_arrive_one_by_one_and_join_to_the_answer(engine, write_wav):
+    clip = write_wav("tone.wav", seconds=1.0, freq=440)
+    for audio in (str(clip), None):
+        whole = engine.generate([(audio, "What do you hear?")], 24)[0]
+        pieces: list[str] = []
+        streamed = engine.generate([(audio, "What do you hear?")], 24, on_text=pieces.append)[0]
+        assert streamed == whole
+        assert "".join(pieces) == whole.text and len(whole.text) > 0
+        assert len(pieces) > 1 and all(pieces)  # token by token, not the answer in one piece at the end
+    with pytest.raises(ValueError, match="exactly one prompt"):
+        engine.backend.generate([{"prompt_token_ids": [1]}, {"prompt_token_ids": [2]}], 2, on_text=print)
+
+
+def test_a_system_turn_goes_where_the_llms_chat_template_puts_it(engine, write_wav):
+    tok = engine.alm.tokenizer
+    system, question = "You are a terse audio assistant.", "What do you hear?"
+    text_ids = engine.prompt(None, question, system)["prompt_token_ids"]
+    expected = tok.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": question}],
+                                       add_generation_prompt=True, tokenize=True)
+    assert text_ids == list(getattr(expected, "input_ids", expected))
+    assert engine.prompt(None, question)["prompt_token_ids"] != text_ids
+    # With audio: the system turn is rendered ahead of the user header, the audio block and question follow.
+    feats = engine.featurize(*engine.load(str(write_wav("tone.wav", seconds=1.0))))
+    plain = engine.prompt(feats, question)["prompt_embeds"]
+    with_system = engine.prompt(feats, question, system)["prompt_embeds"]
+    head = engine.alm.embed_ids(engine.layout(system).prefix_ids)
+    assert engine.layout(system).prefix_text.index(system) >= 0
+    assert torch.equal(with_system[: head.shape[0]], head)
+    assert torch.equal(with_system[head.shape[0]:], plain[len(engine.alm.layout.prefix_ids):])
+    assert engine.layout(None) is engine.alm.layout and engine.layout(system) is engine.layout(system)
+
+
 def test_ensemble_places_each_adapters_audio_with_glue(exports, engine, write_wav):
     from ralm.model.export import load_alm
 
