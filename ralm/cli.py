@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ralm.serve.alm_app import serve_alm
 
         svc = serve_alm(cfg, run_dir)
-        print(f"serving the ALM at {svc.url} (OpenAI-compatible; Ctrl-C to stop)", flush=True)
+        print(f"serving the ALM at {svc.url} as model {svc.model!r} (OpenAI-compatible; Ctrl-C to stop)", flush=True)
         try:
             while True:
                 time.sleep(3600)
