@@ -72,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="projected GPU-hours, storage and tokens for a corpus size")
     plan.add_argument("--hours", type=float, required=True, help="hours of audio")
-    plan.add_argument("--instances", type=int, required=True, help="training instances (prompt, target) pairs")
+    plan.add_argument("--instances", type=int, default=None,
+                      help="training instances, i.e. (prompt, target) pairs, not machines (default: the paper's "
+                      "~322 per audio hour)")
     plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _common(plan)
     return parser

@@ -1,4 +1,7 @@
-"""`ralm plan --config CONFIG --hours H --instances N`: what a run of that size costs, before it starts.
+"""`ralm plan --config CONFIG --hours H [--instances N]`: what a run of that size costs, before it starts.
+
+Instances are training (prompt, target) pairs, not machines; without `--instances` the paper's ratio of
+instances to audio hours is assumed.
 
 Projections are simple products of the corpus size and per-unit costs. Every per-unit cost is listed in
 `ASSUMPTIONS` with where it comes from: the ALARM paper's reported wall times (calibration), arithmetic
@@ -41,6 +44,8 @@ ASSUMPTIONS: dict[str, tuple[float, str, str]] = {
     "encoder_realtime_factor.sslam": (8000.0, "audio s per GPU s", "arithmetic: ~90M-parameter ViT on fbank patches"),
     "encoder_realtime_factor.muq": (4000.0, "audio s per GPU s", "arithmetic: ~300M parameters at 25 Hz"),
     "encoder_realtime_factor.crepe": (3000.0, "audio s per GPU s", "assumption: CREPE full at 100 Hz"),
+    "instances_per_audio_hour": (
+        321.7, "instances per audio hour", "ALARM paper: 6.08M (prompt, target) instances from 18.9K h of audio"),
     "eval_items_per_gpu_s": (20.0, "items/s/GPU", "assumption: short MCQ answers through vLLM"),
 }
 
@@ -60,17 +65,19 @@ class Estimate:
     shard_bytes_by_encoder: dict[str, float] = field(default_factory=dict)
     tokens_generated: dict[str, float] = field(default_factory=dict)
     assumptions_used: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def total_gpu_hours(self) -> float:
         return sum(self.gpu_hours.values())
 
 
-def estimate(cfg: RalmConfig, hours: float, instances: int, clips: int | None = None) -> Estimate:
-    """Project GPU-hours per stage, shard storage and generated tokens for `hours` of audio."""
+def estimate(cfg: RalmConfig, hours: float, instances: int | None = None, clips: int | None = None) -> Estimate:
+    """Project GPU-hours per stage, shard storage and generated tokens for `hours` of audio and
+    `instances` training (prompt, target) pairs (default: the paper's instances per audio hour)."""
     from ralm.encoders import describe_encoder
 
-    if hours <= 0 or instances <= 0:
+    if hours <= 0 or (instances is not None and instances <= 0):
         raise ValueError("hours and instances must be positive")
     used: list[str] = []
 
@@ -78,7 +85,14 @@ def estimate(cfg: RalmConfig, hours: float, instances: int, clips: int | None = 
         used.append(name)
         return _a(name)
 
-    est = Estimate(hours=hours, instances=instances, epochs=cfg.train.epochs)
+    notes: list[str] = []
+    if instances is None:
+        instances = max(1, round(hours * a("instances_per_audio_hour")))
+    elif not 1 <= instances / hours <= 100 * _a("instances_per_audio_hour"):
+        notes.append(f"{instances:,} instances for {hours:,.0f} h of audio is {instances / hours:,.2f} per hour (the "
+                     f"paper: {_a('instances_per_audio_hour'):,.0f}): --instances counts training (prompt, target) "
+                     "pairs, not machines")
+    est = Estimate(hours=hours, instances=instances, epochs=cfg.train.epochs, notes=notes)
     # Clips: the paper's corpus averages ~11 s per clip (18.9K h over 6.08M instances, ~1 instance per clip).
     n_clips = clips if clips is not None else instances
     itemsize = DTYPE_BYTES[cfg.shards.dtype]
@@ -119,7 +133,8 @@ def _human_bytes(n: float) -> str:
 
 
 def render_table(est: Estimate) -> str:
-    lines = [f"Plan for {est.hours:,.0f} h of audio, {est.instances:,} instances, {est.epochs} epochs", "",
+    lines = [f"Plan for {est.hours:,.0f} h of audio, {est.instances:,} training instances ((prompt, target) pairs), "
+             f"{est.epochs} epochs", *(f"note: {n}" for n in est.notes), "",
              f"{'stage':<10} {'GPU-hours':>12} {'tokens generated':>18}"]
     for stage, gh in est.gpu_hours.items():
         toks = est.tokens_generated.get(stage)

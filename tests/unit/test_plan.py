@@ -46,3 +46,19 @@ def test_cli_plan_json(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["total_gpu_hours"] == pytest.approx(sum(out["gpu_hours"].values()))
     assert all("source" in v for v in out["assumptions"].values())
+
+
+def test_instances_default_to_the_papers_ratio_and_odd_counts_get_a_note(capsys):
+    cfg = load_config("alarm-4b")
+    paper = plan.estimate(cfg, hours=18900)
+    assert paper.instances == pytest.approx(6_080_000, rel=0.001) and not paper.notes
+    assert "instances_per_audio_hour" in paper.assumptions_used
+    assert not plan.estimate(cfg, hours=18900, instances=6_080_000).notes
+    # "8 instances" reads like 8 machines: the plan says what the number means instead of projecting 8 samples
+    odd = plan.estimate(cfg, hours=19000, instances=8)
+    assert len(odd.notes) == 1 and "not machines" in odd.notes[0]
+    assert main(["plan", "--config", "alarm-4b", "--hours", "19000", "--instances", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "note:" in out and "not machines" in out
+    assert main(["plan", "--config", "alarm-4b", "--hours", "100"]) == 0
+    assert "32,170 training instances" in capsys.readouterr().out
