@@ -5,6 +5,8 @@
     svc.handle.chat.remote({"messages": [...], "sampling": {...}, "n": 1})   # in-cluster callers -> list[dict]
     stop_llm_service(cfg)                 # deletes the app (and Serve with shutdown=True)
 
+`stream: true` is answered as OpenAI's server-sent chunks, each answer in one chunk once it is complete.
+
 Replicas: fixed `serve.num_replicas` or `serve.autoscaling` (min/max replicas, target ongoing requests);
 `num_cpus`/`num_gpus` per replica. A replica awaits each request on its own (`engine.achat_requests`): the
 vLLM engine batches continuously, so a request joins the running batch at the engine's next step instead of
@@ -24,10 +26,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from ralm.llm.engines import ChatRequest, Completion, Sampling
+from ralm.serve.openai_stream import ChunkStream
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +103,8 @@ class LLMServer:
             messages = [{"role": m["role"], "content": _text(m.get("content"))} for m in body["messages"]]
             if not messages:
                 raise ValueError("messages is empty")
-            if body.get("stream"):
-                return _openai_error(400, "stream=true is not supported", "unsupported")
+            stream = body.get("stream") is True
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or self.cfg.max_model_len
             sampling = Sampling(
                 temperature=float(body.get("temperature", 1.0) if body.get("temperature") is not None else 1.0),
@@ -121,6 +124,10 @@ class LLMServer:
             status = 400 if code in ("prompt_too_long", "bad_request") else 500
             return _openai_error(status, bad.error or code, "context_length_exceeded" if code == "prompt_too_long"
                                  else code, "invalid_request_error" if status == 400 else "server_error")
+        if stream:  # the step loop returns whole answers: each streams as one chunk
+            return StreamingResponse(ChunkStream(self.served_name).whole(
+                [(c.text, c.finish_reason) for c in comps], include_usage, comps[0].prompt_tokens,
+                sum(c.completion_tokens for c in comps)), media_type="text/event-stream")
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",

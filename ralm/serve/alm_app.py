@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 import logging
 import os
 import tempfile
@@ -33,6 +32,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+
+from ralm.serve.openai_stream import DONE, ChunkStream, usage
 
 log = logging.getLogger(__name__)
 
@@ -187,12 +188,6 @@ def decode_audio(raw: bytes, fmt: str, sample_rate: int, max_seconds: float) -> 
         os.unlink(path)
 
 
-# Defined before the deployment: `serve.ingress` pickles the app (and the globals its routes use) at import.
-def _usage(gen: Any) -> dict[str, int]:
-    return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
-            "total_tokens": gen.prompt_tokens + gen.completion_tokens}
-
-
 @serve.deployment(name="ALMServer")
 @serve.ingress(api)
 class ALMServer:
@@ -250,7 +245,7 @@ class ALMServer:
             "model": self.model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.text},
                          "finish_reason": gen.finish_reason, "logprobs": None}],
-            "usage": _usage(gen),
+            "usage": usage(gen.prompt_tokens, gen.completion_tokens),
         }
 
     def _generate(self, req: ParsedRequest, audio: Any, on_text: Any = None) -> list[Any]:
@@ -260,48 +255,36 @@ class ALMServer:
     async def _stream(self, req: ParsedRequest, audio: Any) -> Any:
         """Server-sent events as OpenAI streams them: a role chunk, content chunks as the tokens come, a
         finish chunk, the usage chunk if asked for, `[DONE]`. A failure mid-stream is an `error` event."""
-        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-
-        def event(payload: dict) -> str:
-            return f"data: {json.dumps(payload)}\n\n"
-
-        def chunk(delta: dict, finish: str | None = None) -> str:
-            return event({"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
-                          "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]})
-
+        out = ChunkStream(self.model_name)
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str] = asyncio.Queue()
         # Pieces are queued from the generation thread in order, and before the task's own result lands.
         task = asyncio.ensure_future(asyncio.to_thread(
             self._generate, req, audio, lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text)))
-        yield chunk({"role": "assistant", "content": ""})
+        yield out.delta({"role": "assistant", "content": ""})
         while True:
             get = asyncio.ensure_future(pieces.get())
             done, _ = await asyncio.wait({get, task}, return_when=asyncio.FIRST_COMPLETED)
             if get not in done:
                 get.cancel()
                 break
-            yield chunk({"content": get.result()})
+            yield out.delta({"content": get.result()})
         while not pieces.empty():
-            yield chunk({"content": pieces.get_nowait()})
+            yield out.delta({"content": pieces.get_nowait()})
         try:
             gen = task.result()[0]
         except Exception as e:
             log.exception("ALM generation failed mid-stream")
-            gen, error = None, {"message": f"generation failed: {type(e).__name__}: {e}", "type": "server_error",
-                                "code": "engine_error", "param": None}
+            yield out.error(f"generation failed: {type(e).__name__}: {e}", "engine_error")
         else:
-            error = None if gen.finish_reason != "error" else {
-                "message": f"input_audio could not be used: {gen.error}", "type": "invalid_request_error",
-                "code": "invalid_audio", "param": "input_audio"}
-        if error is not None:
-            yield event({"error": error})
-        else:
-            yield chunk({}, gen.finish_reason)
-            if req.include_usage:
-                yield event({"id": cid, "object": "chat.completion.chunk", "created": created,
-                             "model": self.model_name, "choices": [], "usage": _usage(gen)})
-        yield "data: [DONE]\n\n"
+            if gen.finish_reason == "error":
+                yield out.error(f"input_audio could not be used: {gen.error}", "invalid_audio",
+                                "invalid_request_error", "input_audio")
+            else:
+                yield out.delta({}, gen.finish_reason)
+                if req.include_usage:
+                    yield out.usage(gen.prompt_tokens, gen.completion_tokens)
+        yield DONE
 
 
 # ---------------------------------------------------------------------------------------------- start / stop

@@ -83,6 +83,17 @@ def test_openai_client_over_http(service, llm_cfg):
                                            max_tokens=3, temperature=0)
     assert again.choices[0].finish_reason in ("stop", "length")
 
+    # stream=true (chat UIs default to it): the same greedy answer as server-sent chunks, per choice.
+    chunks = list(client.chat.completions.create(model="llm-test", messages=[{"role": "user", "content": "Hi"}],
+                                                 max_tokens=3, temperature=0, n=2, stream=True,
+                                                 stream_options={"include_usage": True}))
+    for i in range(2):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == i]
+        assert mine[0].delta.role == "assistant" and mine[-1].finish_reason == again.choices[0].finish_reason
+        assert "".join(ch.delta.content or "" for ch in mine) == again.choices[0].message.content
+    assert chunks[-1].usage.prompt_tokens == again.usage.prompt_tokens
+    assert chunks[-1].usage.completion_tokens == 2 * again.usage.completion_tokens
+
 
 def test_client_rows_errors_and_nll(service, llm_cfg):
     from ralm.llm.client import complete_rows, score_nll

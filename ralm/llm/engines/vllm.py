@@ -224,20 +224,27 @@ class VLLMEngine(Engine):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        return SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p if r.temperature > 0 else 1.0,
+        # vLLM refuses n > 1 with greedy decoding; greedy answers are identical, so one is computed and copied.
+        return SamplingParams(n=1 if r.temperature == 0 else r.n, temperature=r.temperature, top_p=r.top_p if r.temperature > 0 else 1.0,
                               max_tokens=r.max_tokens, seed=r.seed, output_kind=RequestOutputKind.FINAL_ONLY,
                               **extra)
 
     def _submit(self, requests: Sequence[GenRequest]) -> list[Future]:
-        return [self._loop.submit(r.prompt_ids, self._params(r)) for r in requests]
+        futs = []
+        for r in requests:
+            fut = self._loop.submit(r.prompt_ids, self._params(r))
+            fut.copies = r.n if r.temperature == 0 else 1  # type: ignore[attr-defined]
+            futs.append(fut)
+        return futs
 
     @staticmethod
     def _outputs(fut: Future) -> list[GenOutput] | BaseException:
         err = fut.exception()  # blocks until the request finished
         if err is not None:
             return err
+        choices = sorted(fut.result().outputs, key=lambda c: c.index)
         return [GenOutput(list(c.token_ids), c.text, "stop" if c.finish_reason == "stop" else "length")
-                for c in sorted(fut.result().outputs, key=lambda c: c.index)]
+                for _ in range(getattr(fut, "copies", 1)) for c in choices]
 
     def _generate(self, requests: Sequence[GenRequest]) -> list[list[GenOutput] | BaseException]:
         return [self._outputs(f) for f in self._submit(requests)]

@@ -1,0 +1,58 @@
+"""OpenAI chat-completion streaming: the server-sent events both endpoints send for `stream: true`
+(`chat.completion.chunk` objects, then `data: [DONE]`), so stock clients parse them."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+DONE = "data: [DONE]\n\n"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def event(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+class ChunkStream:
+    """The events of one streamed completion: one id and creation time for all its chunks."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> str:
+        return event({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                      "model": self.model, "choices": choices, **extra})
+
+    def delta(self, delta: dict[str, Any], finish_reason: str | None = None, index: int = 0) -> str:
+        return self._chunk([{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}])
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> str:
+        """The closing usage chunk (`stream_options: {"include_usage": true}`): no choices."""
+        return self._chunk([], usage=usage(prompt_tokens, completion_tokens))
+
+    @staticmethod
+    def error(message: str, code: str, kind: str = "server_error", param: str | None = None) -> str:
+        """A failure after the stream has started (its HTTP status is already sent)."""
+        return event({"error": {"message": message, "type": kind, "code": code, "param": param}})
+
+    def whole(self, answers: Sequence[tuple[str, str]], include_usage: bool = False, prompt_tokens: int = 0,
+              completion_tokens: int = 0) -> Iterator[str]:
+        """Finished answers ((text, finish_reason) per choice) as a stream: each answer in one chunk."""
+        for i, (text, finish) in enumerate(answers):
+            yield self.delta({"role": "assistant", "content": ""}, index=i)
+            if text:
+                yield self.delta({"content": text}, index=i)
+            yield self.delta({}, finish, index=i)
+        if include_usage:
+            yield self.usage(prompt_tokens, completion_tokens)
+        yield DONE
