@@ -8,7 +8,7 @@
     stop_alm(svc)
 
 A request is one user message: text parts (the question) and at most one `input_audio` part (base64
-wav, mp3, flac, ogg/opus, m4a/aac or webm), optionally after system (or developer) messages, which become
+wav, mp3, flac, ogg/opus, m4a/aac or webm; vLLM's `audio_url` part with a data URL works too), optionally after system (or developer) messages, which become
 the prompt's system turn (ALARM trains without one: the adapter has not seen it, the frozen LLM has).
 Without audio the ALM answers exactly as the frozen LLM. `stream: true` answers with server-sent
 `chat.completion.chunk` events as tokens are generated (`stream_options.include_usage` adds the usage
@@ -112,12 +112,14 @@ def parse_request(body: Any, max_audio_bytes: int, max_new_tokens: int) -> Parse
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text":
             texts.append(str(part.get("text") or ""))
-        elif kind == "input_audio":
+        elif kind in ("input_audio", "audio_url"):
+            param = f"messages[{user}].content[{i}]"
             if audio is not None:
-                raise RequestError(400, "at most one input_audio part per request", "unsupported",
-                                   f"messages[{user}].content[{i}]")
-            audio, fmt = _decode_audio_part(part.get("input_audio"), max_audio_bytes,
-                                            f"messages[{user}].content[{i}]")
+                raise RequestError(400, "at most one audio part per request", "unsupported", param)
+            obj = part.get(kind)
+            if kind == "audio_url":  # vLLM's audio part: {"audio_url": {"url": "data:audio/wav;base64,..."}}
+                obj = _audio_url_part(obj, param)
+            audio, fmt = _decode_audio_part(obj, max_audio_bytes, param)
         else:
             raise RequestError(400, f"content part type {kind!r} is not supported (use text and input_audio)",
                                "unsupported", f"messages[{user}].content[{i}]")
@@ -136,6 +138,22 @@ def parse_request(body: Any, max_audio_bytes: int, max_new_tokens: int) -> Parse
         raise RequestError(400, "need max_tokens >= 1, temperature >= 0, 0 < top_p <= 1", "invalid_request")
     return ParsedRequest(question or "Describe the audio.", audio, fmt, max_tokens, temperature, top_p, seed,
                          system, stream, bool(stream_options.get("include_usage")))
+
+
+_MIME_FORMATS = {"wav": "wav", "x-wav": "wav", "wave": "wav", "vnd.wave": "wav", "mpeg": "mp3", "mp3": "mp3",
+                 "flac": "flac", "x-flac": "flac", "ogg": "ogg", "opus": "opus", "mp4": "m4a", "m4a": "m4a",
+                 "x-m4a": "m4a", "aac": "aac", "webm": "webm"}
+
+
+def _audio_url_part(obj: Any, param: str) -> dict[str, str]:
+    """An `audio_url` part as an input_audio one. Only data URLs: the server fetches nothing a client names."""
+    url = obj.get("url") if isinstance(obj, dict) else None
+    if not isinstance(url, str) or not url.startswith("data:") or "," not in url:
+        raise RequestError(400, "audio_url must be a data URL (data:audio/wav;base64,...): the server does not "
+                           "fetch URLs; send the bytes (or use an input_audio part)", "invalid_audio", param)
+    mime = url[len("data:"): url.index(",")].split(";")[0].lower()
+    fmt = _MIME_FORMATS.get(mime.split("/", 1)[-1], "wav") if mime.startswith("audio/") else "wav"
+    return {"data": url, "format": fmt}
 
 
 def _decode_audio_part(obj: Any, max_bytes: int, param: str) -> tuple[bytes, str]:

@@ -74,6 +74,12 @@ def test_serve_openai_client(ray_local, tiny_export, tmp_path):
             model=svc.model, messages=[{"role": "user", "content": "Hello"}], max_tokens=4)
         assert text_only.usage.prompt_tokens < ok.usage.prompt_tokens
 
+        # vLLM-style audio_url parts with a data URL: the same clip, the same answer
+        url = "data:audio/wav;base64," + base64.b64encode(_wav_bytes(1.0)).decode()
+        as_url = client.chat.completions.create(model=svc.model, max_tokens=6, messages=[{"role": "user", "content": [
+            {"type": "text", "text": "What do you hear?"}, {"type": "audio_url", "audio_url": {"url": url}}]}])
+        assert as_url.choices[0].message.content == ok.choices[0].message.content
+
         # Streaming: server-sent chunks as the tokens come, joining to the same greedy answer.
         chunks = list(client.chat.completions.create(model=svc.model, messages=_audio_msg(_wav_bytes(1.0)),
                                                      max_tokens=6, stream=True, stream_options={"include_usage": True}))
@@ -95,6 +101,8 @@ def test_serve_openai_client(ray_local, tiny_export, tmp_path):
             (_audio_msg("!!!not base64!!!"), 400, "not valid base64"),
             (_audio_msg(_wav_bytes(3.0)), 400, "> limit 2 s"),  # 3 s clip, limit 2 s (96 KB: under the MB limit)
             (_audio_msg(_wav_bytes(1.0), "aiff"), 400, "not supported"),
+            ([{"role": "user", "content": [{"type": "audio_url", "audio_url": {"url": "http://169.254.169.254/a.wav"}}]}],
+             400, "does not fetch"),
             (_audio_msg(_wav_bytes(1.0)) + [{"role": "assistant", "content": "a tone"},
                                             {"role": "user", "content": "louder?"}], 400, "multi-turn"),
             (_audio_msg(b"\0" * 400_000), 413, "MB > limit"),  # over the byte limit, refused before decoding
