@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from ralm.config import ConfigError, dump_config, load_config
+from ralm.config import ConfigError, RalmConfig, dump_config, load_config
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -97,8 +97,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"ralm: {e}", file=sys.stderr)
         return 2
-    from ralm import pipeline
-
     run_dir = args.run_dir or cfg.storage.run_dir
     if args.command == "config":
         print(dump_config(cfg), end="")
@@ -116,6 +114,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             except ConfigError as e:
                 print(f"ralm: {e}", file=sys.stderr)
                 return 2
+    try:
+        return _run_command(args, cfg, run_dir)
+    except (ConfigError, FileNotFoundError, RuntimeError, ValueError, KeyError) as e:
+        if args.verbose:
+            logging.getLogger("ralm").exception("ralm %s failed", args.command)
+        print(f"ralm {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _run_command(args: argparse.Namespace, cfg: RalmConfig, run_dir: str) -> int:
+    from ralm import pipeline
+
     if args.command == "chat":
         from ralm.eval.inference import chat_with_config
 
@@ -150,23 +160,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         _, status = submit(args.target, args.address, args.config, args.run_dir, args.overrides,
                            runtime_env=args.runtime_env, follow=args.follow, submission_id=args.submission_id)
         return 0 if status in (None, "SUCCEEDED") else 1
-    try:
-        if args.command == "run":
-            stages = args.stages.split(",") if args.stages else None
-            unknown = [s for s in stages or [] if s not in pipeline.STAGES]
-            if unknown:
-                print(f"ralm: unknown stage(s) {unknown}; stages: {list(pipeline.STAGES)}", file=sys.stderr)
-                return 2
-            pipeline.run_all(cfg, run_dir, stages)
-            print(f"run complete: {run_dir}")
-            return 0
-        stage = "corpus" if args.command == "corpus" else args.command
-        uri = pipeline.run_stage(stage, cfg, run_dir)
-        _print_report(uri)
+    if args.command == "run":
+        stages = args.stages.split(",") if args.stages else None
+        unknown = [s for s in stages or [] if s not in pipeline.STAGES]
+        if unknown:
+            print(f"ralm: unknown stage(s) {unknown}; stages: {list(pipeline.STAGES)}", file=sys.stderr)
+            return 2
+        pipeline.run_all(cfg, run_dir, stages)
+        print(f"run complete: {run_dir}")
         return 0
-    except (ConfigError, FileNotFoundError, RuntimeError, ValueError, KeyError) as e:
-        print(f"ralm {args.command}: error: {e}", file=sys.stderr)
-        return 1
+    stage = "corpus" if args.command == "corpus" else args.command
+    uri = pipeline.run_stage(stage, cfg, run_dir)
+    _print_report(uri)
+    return 0
 
 
 def _print_report(stage_uri: str) -> None:

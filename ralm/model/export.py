@@ -42,7 +42,11 @@ def export_adapter(model: Any, out_dir: str, extra: dict[str, Any] | None = None
 
 
 def read_export_config(export_dir: str) -> dict[str, Any]:
-    return storage.read_json(storage.join(export_dir, CONFIG))
+    path = storage.join(export_dir, CONFIG)
+    if not storage.exists(path):
+        raise FileNotFoundError(f"no exported adapter in {export_dir} ({CONFIG} is missing): run `ralm train` "
+                                "(or `ralm run`) first, or point eval.adapters at an exported adapter folder")
+    return storage.read_json(path)
 
 
 def _llm_folder(meta: dict[str, Any], llm: str | None) -> str:

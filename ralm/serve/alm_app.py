@@ -340,6 +340,10 @@ def serve_alm(cfg: Any, run_dir: str | None = None, adapters: list[str] | None =
     run_dir = run_dir or cfg.storage.run_dir
     storage.configure(cfg.storage)
     dirs = adapters or default_adapters(cfg, run_dir)
+    from ralm.model.export import read_export_config
+
+    for d in dirs:  # here, not in the replica, where the reason would end up in Serve's deploy logs
+        read_export_config(d)
     if not ray.is_initialized():
         init_ray(cfg.ray)
     s = cfg.eval.serve

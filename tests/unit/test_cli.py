@@ -60,3 +60,15 @@ def test_relative_run_dirs_reach_stages_absolute(tmp_path, monkeypatch):
     assert pipeline.run_stage("probe", cfg) == str(tmp_path / "runs" / "demo")
     assert pipeline.run_stage("probe", cfg, "other/dir") == str(tmp_path / "other" / "dir")
     assert storage.absolute("s3://bucket/run") == "s3://bucket/run"
+
+
+def test_chat_and_serve_before_training_say_what_to_run(tmp_path, capsys):
+    import ray
+
+    ray_was_up = ray.is_initialized()
+    for argv in (["chat", "hello"], ["serve"]):
+        assert main([*argv, "--config", "demo", "--run-dir", str(tmp_path / "run")]) == 1
+        err = capsys.readouterr().err
+        assert f"ralm {argv[0]}: error: no exported adapter in" in err and "ralm train" in err
+        assert "Traceback" not in err
+    assert ray.is_initialized() == ray_was_up  # serve refused before starting Ray or deploying anything
