@@ -24,8 +24,10 @@ import binascii
 import logging
 import os
 import tempfile
+import threading
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -206,6 +208,59 @@ def decode_audio(raw: bytes, fmt: str, sample_rate: int, max_seconds: float) -> 
         os.unlink(path)
 
 
+class ClientGone(Exception):
+    """The streaming client closed the connection: its generation stops at the next token."""
+
+
+async def stream_answer(generate: Callable[[Callable[[str], None]], list[Any]], model_name: str,
+                        include_usage: bool = False) -> AsyncIterator[str]:
+    """Server-sent events as OpenAI streams them: a role chunk, content chunks as the tokens come, a
+    finish chunk, the usage chunk if asked for, `[DONE]`. `generate(on_text)` runs in a thread and returns
+    `[Generation]`; a failure mid-stream is an `error` event. A client that goes away (the generator is
+    closed) stops the generation at its next token instead of letting it run to max_tokens."""
+    out = ChunkStream(model_name)
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue[str] = asyncio.Queue()
+    gone = threading.Event()
+
+    def on_text(text: str) -> None:
+        if gone.is_set():
+            raise ClientGone("the client closed the stream")
+        # Queued in order, and before the task's own result lands (both go through the loop's queue).
+        loop.call_soon_threadsafe(pieces.put_nowait, text)
+
+    task = asyncio.ensure_future(asyncio.to_thread(generate, on_text))
+    try:
+        yield out.delta({"role": "assistant", "content": ""})
+        while True:
+            get = asyncio.ensure_future(pieces.get())
+            done, _ = await asyncio.wait({get, task}, return_when=asyncio.FIRST_COMPLETED)
+            if get not in done:
+                get.cancel()
+                break
+            yield out.delta({"content": get.result()})
+        while not pieces.empty():
+            yield out.delta({"content": pieces.get_nowait()})
+        try:
+            gen = task.result()[0]
+        except Exception as e:
+            log.exception("ALM generation failed mid-stream")
+            yield out.error(f"generation failed: {type(e).__name__}: {e}", "engine_error")
+        else:
+            if gen.finish_reason == "error":
+                yield out.error(f"input_audio could not be used: {gen.error}", "invalid_audio",
+                                "invalid_request_error", "input_audio")
+            else:
+                yield out.delta({}, gen.finish_reason)
+                if include_usage:
+                    yield out.usage(gen.prompt_tokens, gen.completion_tokens)
+        yield DONE
+    finally:
+        if not task.done():  # closed mid-answer
+            gone.set()
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # its ClientGone is expected
+
+
 @serve.deployment(name="ALMServer")
 @serve.ingress(api)
 class ALMServer:
@@ -248,7 +303,8 @@ class ALMServer:
         except RequestError as e:
             return _error(e.status, e.message, e.code, e.param)
         if req.stream:
-            return StreamingResponse(self._stream(req, audio), media_type="text/event-stream")
+            return StreamingResponse(stream_answer(lambda on_text: self._generate(req, audio, on_text), self.model_name,
+                                                   req.include_usage), media_type="text/event-stream")
         try:
             gen = (await asyncio.to_thread(self._generate, req, audio))[0]
         except Exception as e:  # the replica keeps serving; the client learns what failed
@@ -269,40 +325,6 @@ class ALMServer:
     def _generate(self, req: ParsedRequest, audio: Any, on_text: Any = None) -> list[Any]:
         return self.engine.generate([(audio, req.question)], req.max_tokens, req.temperature, req.top_p, req.seed,
                                     system=req.system, on_text=on_text)
-
-    async def _stream(self, req: ParsedRequest, audio: Any) -> Any:
-        """Server-sent events as OpenAI streams them: a role chunk, content chunks as the tokens come, a
-        finish chunk, the usage chunk if asked for, `[DONE]`. A failure mid-stream is an `error` event."""
-        out = ChunkStream(self.model_name)
-        loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue[str] = asyncio.Queue()
-        # Pieces are queued from the generation thread in order, and before the task's own result lands.
-        task = asyncio.ensure_future(asyncio.to_thread(
-            self._generate, req, audio, lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text)))
-        yield out.delta({"role": "assistant", "content": ""})
-        while True:
-            get = asyncio.ensure_future(pieces.get())
-            done, _ = await asyncio.wait({get, task}, return_when=asyncio.FIRST_COMPLETED)
-            if get not in done:
-                get.cancel()
-                break
-            yield out.delta({"content": get.result()})
-        while not pieces.empty():
-            yield out.delta({"content": pieces.get_nowait()})
-        try:
-            gen = task.result()[0]
-        except Exception as e:
-            log.exception("ALM generation failed mid-stream")
-            yield out.error(f"generation failed: {type(e).__name__}: {e}", "engine_error")
-        else:
-            if gen.finish_reason == "error":
-                yield out.error(f"input_audio could not be used: {gen.error}", "invalid_audio",
-                                "invalid_request_error", "input_audio")
-            else:
-                yield out.delta({}, gen.finish_reason)
-                if req.include_usage:
-                    yield out.usage(gen.prompt_tokens, gen.completion_tokens)
-        yield DONE
 
 
 # ---------------------------------------------------------------------------------------------- start / stop

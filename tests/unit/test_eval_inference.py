@@ -65,6 +65,57 @@ def test_streamed_pieces_arrive_one_by_one_and_join_to_the_answer(engine, write_
         engine.backend.generate([{"prompt_token_ids": [1]}, {"prompt_token_ids": [2]}], 2, on_text=print)
 
 
+def _sse(event: str) -> dict:
+    import json
+
+    assert event.startswith("data: ") and event.endswith("\n\n")
+    return json.loads(event[len("data: "):])
+
+
+def test_stream_answer_sends_openai_chunks_and_a_closed_stream_stops_its_generation(engine):
+    import asyncio
+    import threading
+
+    from ralm.serve.alm_app import ClientGone, stream_answer
+
+    whole = engine.generate([(None, "Tell me a story.")], 12)[0]
+    ended: dict[str, object] = {}
+    finished = threading.Event()
+
+    def generate(on_text, max_new_tokens=12):
+        try:
+            return engine.generate([(None, "Tell me a story.")], max_new_tokens, on_text=on_text)
+        except ClientGone as e:
+            ended["stopped"] = e
+            raise
+        finally:
+            finished.set()
+
+    async def whole_stream() -> list[str]:
+        return [e async for e in stream_answer(generate, "m", include_usage=True)]
+
+    events = asyncio.run(whole_stream())
+    assert events[-1] == "data: [DONE]\n\n"
+    chunks = [_sse(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == whole.text
+    assert chunks[-2]["choices"][0]["finish_reason"] == whole.finish_reason
+    assert chunks[-1]["usage"]["completion_tokens"] == whole.completion_tokens and chunks[-1]["choices"] == []
+
+    # A client that reads two pieces and hangs up: the 400-token generation stops, it does not run on.
+    finished.clear()
+
+    async def hang_up() -> None:
+        agen = stream_answer(lambda on_text: generate(on_text, 400), "m")
+        for _ in range(3):  # the role chunk and two pieces
+            await agen.__anext__()
+        await agen.aclose()
+
+    asyncio.run(hang_up())
+    assert finished.wait(120)
+    assert isinstance(ended.get("stopped"), ClientGone)
+
+
 def test_a_system_turn_goes_where_the_llms_chat_template_puts_it(engine, write_wav):
     tok = engine.alm.tokenizer
     system, question = "You are a terse audio assistant.", "What do you hear?"
