@@ -350,22 +350,28 @@ def build_app(export_dirs: list[str], serve_cfg: Any, encoder_specs: list[Any] =
                                           glue or DEFAULT_GLUE, backend, model_name)
 
 
+def _exported_adapters(cfg: Any, run_dir: str | None, adapters: list[str] | None) -> list[str]:
+    """The adapter folders to serve, each checked here, not in the replica (where the reason would end up
+    in Serve's deploy logs)."""
+    from ralm import storage
+    from ralm.eval.run import default_adapters
+    from ralm.model.export import read_export_config
+
+    storage.configure(cfg.storage)
+    dirs = list(adapters or default_adapters(cfg, run_dir or cfg.storage.run_dir))
+    for d in dirs:
+        read_export_config(d)
+    return dirs
+
+
 def serve_alm(cfg: Any, run_dir: str | None = None, adapters: list[str] | None = None, wait_s: float = 600.0,
               app_name: str = APP_NAME) -> ALMService:
     """Start the ALM app on the connected (or a new local) Ray and wait until it answers."""
     import ray
 
-    from ralm import storage
     from ralm.cluster import init_ray
-    from ralm.eval.run import default_adapters
 
-    run_dir = run_dir or cfg.storage.run_dir
-    storage.configure(cfg.storage)
-    dirs = adapters or default_adapters(cfg, run_dir)
-    from ralm.model.export import read_export_config
-
-    for d in dirs:  # here, not in the replica, where the reason would end up in Serve's deploy logs
-        read_export_config(d)
+    dirs = _exported_adapters(cfg, run_dir, adapters)
     if not ray.is_initialized():
         init_ray(cfg.ray)
     s = cfg.eval.serve
@@ -376,6 +382,19 @@ def serve_alm(cfg: Any, run_dir: str | None = None, adapters: list[str] | None =
     host, port = _proxy_address(s.host, s.port)
     return ALMService(url=f"http://{host}:{port}{s.route_prefix.rstrip('/')}/v1", model=app_name,
                       app_name=app_name, handle=handle)
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """Serve application builder for a RayService / `serve run` config on a cluster:
+    `import_path: ralm.serve.alm_app:app_builder` with `args: {config: configs/alarm-4b.yaml, run_dir:
+    s3://bucket/runs/x, adapters: [...], overrides: [...], model_name: ...}` (all but config optional;
+    adapters default to the run's `train/export`, replicas and resources come from `eval.serve`)."""
+    from ralm.config import load_config
+
+    cfg = load_config(args.get("config", "demo"), list(args.get("overrides") or []))
+    dirs = _exported_adapters(cfg, args.get("run_dir"), args.get("adapters"))
+    return build_app(dirs, cfg.eval.serve, cfg.features.encoders, cfg.eval.ensemble_glue, cfg.eval.backend,
+                     str(args.get("model_name") or APP_NAME))
 
 
 def _proxy_address(host: str, port: int) -> tuple[str, int]:

@@ -203,3 +203,17 @@ def test_vllm_backend_from_prompt_embeddings_matches_transformers(exports, write
         assert all(r["same"] for r in check_text_preserved(vl, ["What is the capital of France?"], 12))
     finally:
         vl.close()
+
+
+def test_alm_app_builder_for_a_rayservice(exports, tmp_path):
+    from ray.serve import Application
+
+    from ralm.serve.alm_app import app_builder
+
+    app = app_builder({"config": "demo", "adapters": [exports[0]], "overrides": ["eval.serve.num_replicas=3"]})
+    assert isinstance(app, Application)
+    deployment = app._bound_deployment
+    assert deployment.num_replicas == 3 and deployment.init_args[0] == [exports[0]]
+    # A run dir without an exported adapter fails here, with the reason, not later in a replica.
+    with pytest.raises(FileNotFoundError, match="ralm train"):
+        app_builder({"config": "demo", "run_dir": str(tmp_path / "untrained")})
