@@ -44,6 +44,7 @@ class Generation:
     completion_tokens: int
     finish_reason: str  # "stop" | "length" | "error"
     error: str | None = None
+    error_code: str | None = None  # with finish "error": "invalid_audio" | "context_length_exceeded"
 
 
 # ---------------------------------------------------------------------------------------------- adapters
@@ -392,24 +393,40 @@ class ALMInference:
     def generate(self, requests: Sequence[tuple[AudioInput, str]], max_new_tokens: int = 256,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = 0, system: str | None = None,
                  on_text: OnText | None = None) -> list[Generation]:
-        """Answer each (audio, question); an audio that cannot be decoded fails alone (finish 'error').
+        """Answer each (audio, question); an audio that cannot be decoded, or a prompt that with
+        `max_new_tokens` exceeds the LLM's context, fails alone (finish 'error', with an error_code).
         `on_text` (one request): the answer's text piece by piece as it is generated (see `Backend`)."""
         prompts: list[dict[str, Any] | None] = []
-        errors: list[str | None] = []
+        failed: list[Generation | None] = []
         with self._lock:
             for audio, question in requests:
                 try:
                     loaded = self.load(audio)
                     feats = None if loaded is None else self.featurize(*loaded)
-                    prompts.append(self.prompt(feats, question, system))
-                    errors.append(None)
+                    prompt = self.prompt(feats, question, system)
                 except AudioError as e:
-                    prompts.append(None)
-                    errors.append(f"{e.reason}: {e.detail}")
+                    prompt, fail = None, Generation("", 0, 0, "error", f"{e.reason}: {e.detail}", "invalid_audio")
+                else:
+                    fail = self._check_length(prompt, max_new_tokens)
+                prompts.append(None if fail else prompt)
+                failed.append(fail)
             ok = [p for p in prompts if p is not None]
             gens = iter(self.backend.generate(ok, max_new_tokens, temperature, top_p, seed, on_text) if ok else [])
-        return [next(gens) if p is not None else Generation("", 0, 0, "error", err)
-                for p, err in zip(prompts, errors, strict=True)]
+        return [fail or next(gens) for fail in failed]
+
+    @property
+    def max_context(self) -> int | None:
+        """The frozen LLM's context length in tokens (None when its config does not say)."""
+        n = getattr(self.alm.llm.config, "max_position_embeddings", None)
+        return int(n) if n else None
+
+    def _check_length(self, prompt: dict[str, Any], max_new_tokens: int) -> Generation | None:
+        n = int(prompt["prompt_embeds"].shape[0]) if "prompt_embeds" in prompt else len(prompt["prompt_token_ids"])
+        limit = self.max_context
+        if limit is None or n + max_new_tokens <= limit:
+            return None
+        return Generation("", n, 0, "error", f"the prompt is {n} tokens and {max_new_tokens} more were asked for: "
+                          f"over the LLM's context of {limit} tokens", "context_length_exceeded")
 
     @torch.no_grad()
     def choice_logprobs(self, requests: Sequence[tuple[AudioInput, str, Sequence[str]]], reply_prefix: str = "",
@@ -474,6 +491,8 @@ class ALMInference:
 
     def answer(self, audio: AudioInput, question: str, max_new_tokens: int = 256, **kw: Any) -> str:
         g = self.generate([(audio, question)], max_new_tokens, **kw)[0]
+        if g.error_code == "context_length_exceeded":
+            raise ValueError(g.error)
         if g.finish_reason == "error":
             raise AudioError(*(g.error or "corrupt: unknown").split(": ", 1))
         return g.text

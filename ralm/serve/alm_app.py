@@ -208,57 +208,86 @@ def decode_audio(raw: bytes, fmt: str, sample_rate: int, max_seconds: float) -> 
         os.unlink(path)
 
 
+def _request_failure(gen: Any) -> tuple[int, str, str, str]:
+    """(status, message, code, param) of a request the engine refused on its own (finish 'error')."""
+    if gen.error_code == "context_length_exceeded":
+        return 400, str(gen.error), "context_length_exceeded", "messages"
+    return 400, f"input_audio could not be used: {gen.error}", "invalid_audio", "input_audio"
+
+
 class ClientGone(Exception):
     """The streaming client closed the connection: its generation stops at the next token."""
 
 
-async def stream_answer(generate: Callable[[Callable[[str], None]], list[Any]], model_name: str,
-                        include_usage: bool = False) -> AsyncIterator[str]:
-    """Server-sent events as OpenAI streams them: a role chunk, content chunks as the tokens come, a
-    finish chunk, the usage chunk if asked for, `[DONE]`. `generate(on_text)` runs in a thread and returns
-    `[Generation]`; a failure mid-stream is an `error` event. A client that goes away (the generator is
-    closed) stops the generation at its next token instead of letting it run to max_tokens."""
-    out = ChunkStream(model_name)
-    loop = asyncio.get_running_loop()
-    pieces: asyncio.Queue[str] = asyncio.Queue()
-    gone = threading.Event()
+class AnswerStream:
+    """One streamed answer: `generate(on_text)` runs in a thread (returning `[Generation]`) from creation on.
+    `await refused()` waits for the first piece of text or the end and returns the Generation when the
+    engine refused the request before any text (the handler answers with an HTTP error, not a stream);
+    `events()` are the server-sent events as OpenAI streams them: a role chunk, content chunks as the
+    tokens come, a finish chunk, the usage chunk if asked for, `[DONE]`; a failure mid-stream is an
+    `error` event. A client that goes away (`events()` closed) stops the generation at its next token
+    instead of letting it run to max_tokens."""
 
-    def on_text(text: str) -> None:
-        if gone.is_set():
+    def __init__(self, generate: Callable[[Callable[[str], None]], list[Any]], model_name: str,
+                 include_usage: bool = False) -> None:
+        self.out = ChunkStream(model_name)
+        self.include_usage = include_usage
+        self._loop = asyncio.get_running_loop()
+        self._pieces: asyncio.Queue[str] = asyncio.Queue()
+        self._first: str | None = None
+        self._gone = threading.Event()
+        self._task = asyncio.ensure_future(asyncio.to_thread(generate, self._on_text))
+
+    def _on_text(self, text: str) -> None:  # the generation thread
+        if self._gone.is_set():
             raise ClientGone("the client closed the stream")
         # Queued in order, and before the task's own result lands (both go through the loop's queue).
-        loop.call_soon_threadsafe(pieces.put_nowait, text)
+        self._loop.call_soon_threadsafe(self._pieces.put_nowait, text)
 
-    task = asyncio.ensure_future(asyncio.to_thread(generate, on_text))
-    try:
-        yield out.delta({"role": "assistant", "content": ""})
-        while True:
-            get = asyncio.ensure_future(pieces.get())
-            done, _ = await asyncio.wait({get, task}, return_when=asyncio.FIRST_COMPLETED)
-            if get not in done:
-                get.cancel()
-                break
-            yield out.delta({"content": get.result()})
-        while not pieces.empty():
-            yield out.delta({"content": pieces.get_nowait()})
+    async def _next_piece(self) -> str | None:
+        """The next piece of text, or None once the generation has ended and every piece is out."""
+        if not self._pieces.empty():
+            return self._pieces.get_nowait()
+        get = asyncio.ensure_future(self._pieces.get())
+        done, _ = await asyncio.wait({get, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        if get in done:
+            return get.result()
+        get.cancel()
+        return self._pieces.get_nowait() if not self._pieces.empty() else None
+
+    async def refused(self) -> Any | None:
+        self._first = await self._next_piece()
+        if self._first is None and self._task.exception() is None:
+            gen = self._task.result()[0]
+            return gen if gen.finish_reason == "error" else None
+        return None
+
+    async def events(self) -> AsyncIterator[str]:
+        out = self.out
         try:
-            gen = task.result()[0]
-        except Exception as e:
-            log.exception("ALM generation failed mid-stream")
-            yield out.error(f"generation failed: {type(e).__name__}: {e}", "engine_error")
-        else:
-            if gen.finish_reason == "error":
-                yield out.error(f"input_audio could not be used: {gen.error}", "invalid_audio",
-                                "invalid_request_error", "input_audio")
+            yield out.delta({"role": "assistant", "content": ""})
+            piece = self._first if self._first is not None else await self._next_piece()
+            while piece is not None:
+                yield out.delta({"content": piece})
+                piece = await self._next_piece()
+            try:
+                gen = self._task.result()[0]
+            except Exception as e:
+                log.exception("ALM generation failed mid-stream")
+                yield out.error(f"generation failed: {type(e).__name__}: {e}", "engine_error")
             else:
-                yield out.delta({}, gen.finish_reason)
-                if include_usage:
-                    yield out.usage(gen.prompt_tokens, gen.completion_tokens)
-        yield DONE
-    finally:
-        if not task.done():  # closed mid-answer
-            gone.set()
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # its ClientGone is expected
+                if gen.finish_reason == "error":
+                    _, message, code, param = _request_failure(gen)
+                    yield out.error(message, code, "invalid_request_error", param)
+                else:
+                    yield out.delta({}, gen.finish_reason)
+                    if self.include_usage:
+                        yield out.usage(gen.prompt_tokens, gen.completion_tokens)
+            yield DONE
+        finally:
+            if not self._task.done():  # closed mid-answer
+                self._gone.set()
+                self._task.add_done_callback(lambda t: t.cancelled() or t.exception())  # its ClientGone is expected
 
 
 @serve.deployment(name="ALMServer")
@@ -303,15 +332,19 @@ class ALMServer:
         except RequestError as e:
             return _error(e.status, e.message, e.code, e.param)
         if req.stream:
-            return StreamingResponse(stream_answer(lambda on_text: self._generate(req, audio, on_text), self.model_name,
-                                                   req.include_usage), media_type="text/event-stream")
+            stream = AnswerStream(lambda on_text: self._generate(req, audio, on_text), self.model_name,
+                                  req.include_usage)
+            refused = await stream.refused()
+            if refused is not None:  # before any text: a plain HTTP error, as without streaming
+                return _error(*_request_failure(refused))
+            return StreamingResponse(stream.events(), media_type="text/event-stream")
         try:
             gen = (await asyncio.to_thread(self._generate, req, audio))[0]
         except Exception as e:  # the replica keeps serving; the client learns what failed
             log.exception("ALM generation failed")
             return _error(500, f"generation failed: {type(e).__name__}: {e}", "engine_error")
         if gen.finish_reason == "error":
-            return _error(400, f"input_audio could not be used: {gen.error}", "invalid_audio", "input_audio")
+            return _error(*_request_failure(gen))
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",

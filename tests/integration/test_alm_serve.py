@@ -101,6 +101,9 @@ def test_serve_openai_client(ray_local, tiny_export, tmp_path):
             (_audio_msg("!!!not base64!!!"), 400, "not valid base64"),
             (_audio_msg(_wav_bytes(3.0)), 400, "> limit 2 s"),  # 3 s clip, limit 2 s (96 KB: under the MB limit)
             (_audio_msg(_wav_bytes(1.0), "aiff"), 400, "not supported"),
+            # over the tiny LLM's 2048-token context: a 400 both ways (odd indices stream)
+            ([{"role": "user", "content": "word " * 2100}], 400, "over the LLM's context"),
+            ([{"role": "user", "content": "word " * 2100}], 400, "over the LLM's context"),
             ([{"role": "user", "content": [{"type": "audio_url", "audio_url": {"url": "http://169.254.169.254/a.wav"}}]}],
              400, "does not fetch"),
             (_audio_msg(_wav_bytes(1.0)) + [{"role": "assistant", "content": "a tone"},

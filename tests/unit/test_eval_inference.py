@@ -72,19 +72,19 @@ def _sse(event: str) -> dict:
     return json.loads(event[len("data: "):])
 
 
-def test_stream_answer_sends_openai_chunks_and_a_closed_stream_stops_its_generation(engine):
+def test_answer_stream_sends_openai_chunks_and_a_closed_stream_stops_its_generation(engine):
     import asyncio
     import threading
 
-    from ralm.serve.alm_app import ClientGone, stream_answer
+    from ralm.serve.alm_app import AnswerStream, ClientGone
 
     whole = engine.generate([(None, "Tell me a story.")], 12)[0]
     ended: dict[str, object] = {}
     finished = threading.Event()
 
-    def generate(on_text, max_new_tokens=12):
+    def generate(on_text, max_new_tokens=12, question="Tell me a story."):
         try:
-            return engine.generate([(None, "Tell me a story.")], max_new_tokens, on_text=on_text)
+            return engine.generate([(None, question)], max_new_tokens, on_text=on_text)
         except ClientGone as e:
             ended["stopped"] = e
             raise
@@ -92,7 +92,9 @@ def test_stream_answer_sends_openai_chunks_and_a_closed_stream_stops_its_generat
             finished.set()
 
     async def whole_stream() -> list[str]:
-        return [e async for e in stream_answer(generate, "m", include_usage=True)]
+        stream = AnswerStream(generate, "m", include_usage=True)
+        assert await stream.refused() is None
+        return [e async for e in stream.events()]
 
     events = asyncio.run(whole_stream())
     assert events[-1] == "data: [DONE]\n\n"
@@ -102,18 +104,40 @@ def test_stream_answer_sends_openai_chunks_and_a_closed_stream_stops_its_generat
     assert chunks[-2]["choices"][0]["finish_reason"] == whole.finish_reason
     assert chunks[-1]["usage"]["completion_tokens"] == whole.completion_tokens and chunks[-1]["choices"] == []
 
+    # A prompt over the LLM's context is refused before any text: the handler can still answer a plain 400.
+    async def too_long():
+        return await AnswerStream(lambda on_text: generate(on_text, 8, "word " * 3000), "m").refused()
+
+    refused = asyncio.run(too_long())
+    assert refused.error_code == "context_length_exceeded" and str(engine.max_context) in refused.error
+
     # A client that reads two pieces and hangs up: the 400-token generation stops, it does not run on.
     finished.clear()
 
     async def hang_up() -> None:
-        agen = stream_answer(lambda on_text: generate(on_text, 400), "m")
+        stream = AnswerStream(lambda on_text: generate(on_text, 400), "m")
+        await stream.refused()
+        events = stream.events()
         for _ in range(3):  # the role chunk and two pieces
-            await agen.__anext__()
-        await agen.aclose()
+            await events.__anext__()
+        await events.aclose()
 
     asyncio.run(hang_up())
     assert finished.wait(120)
     assert isinstance(ended.get("stopped"), ClientGone)
+
+
+def test_a_prompt_over_the_context_fails_alone(engine, write_wav):
+    clip = str(write_wav("tone.wav", seconds=1.0))
+    limit = engine.max_context
+    gens = engine.generate([(clip, "q"), (None, "word " * limit), (clip, "q")], 4)
+    assert [g.finish_reason for g in gens] == ["length", "error", "length"]
+    assert gens[1].error_code == "context_length_exceeded" and gens[1].prompt_tokens > limit
+    n = engine.generate([(None, "q")], 4)[0].prompt_tokens  # the same question, until max_new_tokens tips it over
+    assert engine._check_length({"prompt_token_ids": [0] * n}, limit - n) is None
+    assert engine.generate([(None, "q")], limit - n + 1)[0].error_code == "context_length_exceeded"
+    with pytest.raises(ValueError, match="context"):
+        engine.answer(None, "word " * limit)
 
 
 def test_a_system_turn_goes_where_the_llms_chat_template_puts_it(engine, write_wav):
