@@ -425,8 +425,10 @@ class ALMInference:
         limit = self.max_context
         if limit is None or n + max_new_tokens <= limit:
             return None
-        return Generation("", n, 0, "error", f"the prompt is {n} tokens and {max_new_tokens} more were asked for: "
-                          f"over the LLM's context of {limit} tokens", "context_length_exceeded")
+        # "reason: detail", as audio errors are (the eval stage's rejects table splits them)
+        return Generation("", n, 0, "error", f"context_length_exceeded: the prompt is {n} tokens and "
+                          f"{max_new_tokens} more were asked for, over the LLM's context of {limit} tokens",
+                          "context_length_exceeded")
 
     @torch.no_grad()
     def choice_logprobs(self, requests: Sequence[tuple[AudioInput, str, Sequence[str]]], reply_prefix: str = "",
