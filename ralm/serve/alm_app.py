@@ -220,18 +220,20 @@ class ClientGone(Exception):
 
 
 class AnswerStream:
-    """One streamed answer: `generate(on_text)` runs in a thread (returning `[Generation]`) from creation on.
-    `await refused()` waits for the first piece of text or the end and returns the Generation when the
+    """One answer: `generate(on_text)` runs in a thread (returning `[Generation]`) from creation on.
+    Not streamed (`stream=False`): `await result()` is the Generation. Streamed: `await refused()` waits for the first piece of text or the end and returns the Generation when the
     engine refused the request before any text (the handler answers with an HTTP error, not a stream);
     `events()` are the server-sent events as OpenAI streams them: a role chunk, content chunks as the
     tokens come, a finish chunk, the usage chunk if asked for, `[DONE]`; a failure mid-stream is an
-    `error` event. A client that goes away (`events()` closed) stops the generation at its next token
-    instead of letting it run to max_tokens."""
+    `error` event. A client that goes away (`events()` closed, or the `result()` await cancelled, as Serve
+    does when an HTTP client disconnects) stops the generation at its next token instead of letting it run
+    to max_tokens while the next requests wait for the replica."""
 
     def __init__(self, generate: Callable[[Callable[[str], None]], list[Any]], model_name: str,
-                 include_usage: bool = False) -> None:
+                 include_usage: bool = False, stream: bool = True) -> None:
         self.out = ChunkStream(model_name)
         self.include_usage = include_usage
+        self.stream = stream
         self._loop = asyncio.get_running_loop()
         self._pieces: asyncio.Queue[str] = asyncio.Queue()
         self._first: str | None = None
@@ -240,9 +242,21 @@ class AnswerStream:
 
     def _on_text(self, text: str) -> None:  # the generation thread
         if self._gone.is_set():
-            raise ClientGone("the client closed the stream")
-        # Queued in order, and before the task's own result lands (both go through the loop's queue).
-        self._loop.call_soon_threadsafe(self._pieces.put_nowait, text)
+            raise ClientGone("the client went away")
+        if self.stream:  # queued in order, and before the task's own result lands (both go through the loop)
+            self._loop.call_soon_threadsafe(self._pieces.put_nowait, text)
+
+    def _stop(self) -> None:
+        if not self._task.done():
+            self._gone.set()
+            self._task.add_done_callback(lambda t: t.cancelled() or t.exception())  # its ClientGone is expected
+
+    async def result(self) -> Any:
+        try:
+            return (await asyncio.shield(self._task))[0]
+        except asyncio.CancelledError:
+            self._stop()
+            raise
 
     async def _next_piece(self) -> str | None:
         """The next piece of text, or None once the generation has ended and every piece is out."""
@@ -256,7 +270,11 @@ class AnswerStream:
         return self._pieces.get_nowait() if not self._pieces.empty() else None
 
     async def refused(self) -> Any | None:
-        self._first = await self._next_piece()
+        try:
+            self._first = await self._next_piece()
+        except asyncio.CancelledError:  # the client left before the first token
+            self._stop()
+            raise
         if self._first is None and self._task.exception() is None:
             gen = self._task.result()[0]
             return gen if gen.finish_reason == "error" else None
@@ -285,9 +303,7 @@ class AnswerStream:
                         yield out.usage(gen.prompt_tokens, gen.completion_tokens)
             yield DONE
         finally:
-            if not self._task.done():  # closed mid-answer
-                self._gone.set()
-                self._task.add_done_callback(lambda t: t.cancelled() or t.exception())  # its ClientGone is expected
+            self._stop()  # when closed mid-answer
 
 
 @serve.deployment(name="ALMServer")
@@ -339,7 +355,8 @@ class ALMServer:
                 return _error(*_request_failure(refused))
             return StreamingResponse(stream.events(), media_type="text/event-stream")
         try:
-            gen = (await asyncio.to_thread(self._generate, req, audio))[0]
+            gen = await AnswerStream(lambda on_text: self._generate(req, audio, on_text), self.model_name,
+                                     stream=False).result()
         except Exception as e:  # the replica keeps serving; the client learns what failed
             log.exception("ALM generation failed")
             return _error(500, f"generation failed: {type(e).__name__}: {e}", "engine_error")

@@ -127,6 +127,48 @@ def test_answer_stream_sends_openai_chunks_and_a_closed_stream_stops_its_generat
     assert isinstance(ended.get("stopped"), ClientGone)
 
 
+def test_a_cancelled_request_stops_its_generation(engine):
+    """Serve cancels a request whose HTTP client disconnected: a non-streamed answer stops at its next
+    token instead of holding the replica (and the requests queued behind it) until max_tokens."""
+    import asyncio
+    import threading
+
+    from ralm.serve.alm_app import AnswerStream, ClientGone
+
+    started, finished, ended = threading.Event(), threading.Event(), {}
+
+    def generate(on_text):
+        def tick(text):
+            started.set()
+            on_text(text)
+
+        try:
+            return engine.generate([(None, "Tell me a story.")], 400, on_text=tick)
+        except ClientGone as e:
+            ended["stopped"] = e
+            raise
+        finally:
+            finished.set()
+
+    async def request_then_disconnect() -> None:
+        answer = AnswerStream(generate, "m", stream=False)
+        waiting = asyncio.ensure_future(answer.result())
+        while not started.is_set():
+            await asyncio.sleep(0.05)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+
+    asyncio.run(request_then_disconnect())
+    assert finished.wait(120) and isinstance(ended.get("stopped"), ClientGone)
+
+    async def complete() -> object:  # left alone, the same request runs to its end
+        return await AnswerStream(lambda on_text: engine.generate([(None, "q")], 5, on_text=on_text), "m",
+                                  stream=False).result()
+
+    assert asyncio.run(complete()) == engine.generate([(None, "q")], 5)[0]
+
+
 def test_a_prompt_over_the_context_fails_alone(engine, write_wav):
     clip = str(write_wav("tone.wav", seconds=1.0))
     limit = engine.max_context
