@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="ask the trained ALM about one audio file")
     chat.add_argument("--audio", default=None, help="wav/flac/ogg/mp3 file (omit for a text-only question)")
     chat.add_argument("--max-new-tokens", type=int, default=None)
+    chat.add_argument("--system", default=None, help="a system turn (the adapter was trained without one)")
     chat.add_argument("question", help="the question, in quotes")
     _common(chat)
 
@@ -129,7 +130,12 @@ def _run_command(args: argparse.Namespace, cfg: RalmConfig, run_dir: str) -> int
     if args.command == "chat":
         from ralm.eval.inference import chat_with_config
 
-        print(chat_with_config(cfg, args.audio, args.question, run_dir, args.max_new_tokens))
+        def show(text: str) -> None:  # the answer as it is generated
+            print(text, end="", flush=True)
+
+        chat_with_config(cfg, args.audio, args.question, run_dir, args.max_new_tokens, system=args.system,
+                         on_text=show)
+        print()
         return 0
     if args.command == "serve":
         import time

@@ -505,17 +505,20 @@ class ALMInference:
 
 def chat(export_dir: str | Sequence[str], audio_path: str | None, question: str, *, max_new_tokens: int = 256,
          backend: str = "transformers", temperature: float = 0.0, encoder_specs: Sequence[EncoderSpec] = (),
-         glue: str = DEFAULT_GLUE) -> str:
-    """`ralm chat --audio clip.wav "question"`: one answer from the trained ALM (several dirs: ALARM-E)."""
+         glue: str = DEFAULT_GLUE, system: str | None = None, on_text: OnText | None = None) -> str:
+    """`ralm chat --audio clip.wav "question"`: one answer from the trained ALM (several dirs: ALARM-E).
+    `on_text`: the answer piece by piece as it is generated (the CLI prints them as they come)."""
     engine = ALMInference(export_dir, backend=backend, encoder_specs=encoder_specs, glue=glue)
     try:
-        return engine.answer(audio_path, question, max_new_tokens, temperature=temperature)
+        return engine.answer(audio_path, question, max_new_tokens, temperature=temperature, system=system,
+                             on_text=on_text)
     finally:
         engine.close()
 
 
 def chat_with_config(cfg: Any, audio_path: str | None, question: str, run_dir: str | None = None,
-                     max_new_tokens: int | None = None, temperature: float = 0.0) -> str:
+                     max_new_tokens: int | None = None, temperature: float = 0.0, system: str | None = None,
+                     on_text: OnText | None = None) -> str:
     """`ralm chat --config C [--run-dir D] --audio clip.wav "question"`: the run's adapter(s)
     (`eval.adapters`, default `run_dir/train/export`), the features stage's encoder specs, `eval.backend`."""
     from ralm import storage
@@ -525,7 +528,7 @@ def chat_with_config(cfg: Any, audio_path: str | None, question: str, run_dir: s
     adapters = default_adapters(cfg, run_dir or cfg.storage.run_dir)
     return chat(adapters, audio_path, question, max_new_tokens=max_new_tokens or cfg.eval.serve.max_new_tokens,
                 backend=cfg.eval.backend, temperature=temperature, encoder_specs=cfg.features.encoders,
-                glue=cfg.eval.ensemble_glue)
+                glue=cfg.eval.ensemble_glue, system=system, on_text=on_text)
 
 
 # ---------------------------------------------------------------------------------------------- text preserved

@@ -283,3 +283,34 @@ def test_alm_app_builder_for_a_rayservice(exports, tmp_path):
     # A run dir without an exported adapter fails here, with the reason, not later in a replica.
     with pytest.raises(FileNotFoundError, match="ralm train"):
         app_builder({"config": "demo", "run_dir": str(tmp_path / "untrained")})
+
+
+def test_cli_chat_prints_the_answer_as_it_comes(exports, write_wav, monkeypatch):
+    import io
+    import sys
+
+    from ralm.cli import main
+    from ralm.config import load_config
+
+    class Terminal(io.StringIO):  # records each write: an answer printed piece by piece makes many
+        def __init__(self):
+            super().__init__()
+            self.writes: list[str] = []
+
+        def write(self, text: str) -> int:
+            self.writes.append(text)
+            return super().write(text)
+
+    clip = str(write_wav("tone.wav", seconds=1.0))
+    specs = load_config("demo").features.encoders  # what the CLI encodes with (Whisper on the clip's length)
+    expected = chat(exports[0], clip, "What do you hear?", max_new_tokens=12, encoder_specs=specs)
+    system_answer = chat(exports[0], clip, "What do you hear?", max_new_tokens=12, encoder_specs=specs,
+                         system="Be brief.")
+    assert system_answer != expected
+    for extra, answer in (([], expected), (["--system", "Be brief."], system_answer)):
+        out = Terminal()
+        monkeypatch.setattr(sys, "stdout", out)
+        assert main(["chat", "--config", "demo", "--audio", clip, "--max-new-tokens", "12", *extra,
+                     "What do you hear?", f"eval.adapters=[{exports[0]}]"]) == 0
+        assert out.getvalue() == answer + "\n"
+        assert len([w for w in out.writes if w]) > 2
