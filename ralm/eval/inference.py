@@ -396,8 +396,8 @@ class ALMInference:
         """Answer each (audio, question); an audio that cannot be decoded, or a prompt that with
         `max_new_tokens` exceeds the LLM's context, fails alone (finish 'error', with an error_code).
         `on_text` (one request): the answer's text piece by piece as it is generated (see `Backend`)."""
-        prompts: list[dict[str, Any] | None] = []
-        failed: list[Generation | None] = []
+        ok: list[dict[str, Any]] = []  # the prompts to generate from
+        failed: list[Generation | None] = []  # per request: its failure, or None when its prompt is in `ok`
         with self._lock:
             for audio, question in requests:
                 try:
@@ -405,12 +405,12 @@ class ALMInference:
                     feats = None if loaded is None else self.featurize(*loaded)
                     prompt = self.prompt(feats, question, system)
                 except AudioError as e:
-                    prompt, fail = None, Generation("", 0, 0, "error", f"{e.reason}: {e.detail}", "invalid_audio")
+                    fail = Generation("", 0, 0, "error", f"{e.reason}: {e.detail}", "invalid_audio")
                 else:
                     fail = self._check_length(prompt, max_new_tokens)
-                prompts.append(None if fail else prompt)
+                    if fail is None:
+                        ok.append(prompt)
                 failed.append(fail)
-            ok = [p for p in prompts if p is not None]
             gens = iter(self.backend.generate(ok, max_new_tokens, temperature, top_p, seed, on_text) if ok else [])
         return [fail or next(gens) for fail in failed]
 

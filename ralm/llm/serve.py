@@ -20,8 +20,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +28,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from ralm.llm.engines import ChatRequest, Completion, Sampling
-from ralm.serve.openai_stream import ChunkStream
+from ralm.serve.openai_format import ChunkStream, completion, error_object
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +45,7 @@ def _text(content: Any) -> str:
 
 
 def _openai_error(status: int, message: str, code: str, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "code": code}})
+    return JSONResponse(status_code=status, content=error_object(message, code, kind))
 
 
 @serve.deployment(name="LLMServer")
@@ -124,21 +122,12 @@ class LLMServer:
             status = 400 if code in ("prompt_too_long", "bad_request") else 500
             return _openai_error(status, bad.error or code, "context_length_exceeded" if code == "prompt_too_long"
                                  else code, "invalid_request_error" if status == 400 else "server_error")
+        answers = [(c.text, c.finish_reason) for c in comps]
+        tokens = (comps[0].prompt_tokens, sum(c.completion_tokens for c in comps))
         if stream:  # the step loop returns whole answers: each streams as one chunk
-            return StreamingResponse(ChunkStream(self.served_name).whole(
-                [(c.text, c.finish_reason) for c in comps], include_usage, comps[0].prompt_tokens,
-                sum(c.completion_tokens for c in comps)), media_type="text/event-stream")
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": self.served_name,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
-                         "finish_reason": c.finish_reason, "logprobs": None} for i, c in enumerate(comps)],
-            "usage": {"prompt_tokens": comps[0].prompt_tokens,
-                      "completion_tokens": sum(c.completion_tokens for c in comps),
-                      "total_tokens": comps[0].prompt_tokens + sum(c.completion_tokens for c in comps)},
-        }
+            return StreamingResponse(ChunkStream(self.served_name).whole(answers, include_usage, *tokens),
+                                     media_type="text/event-stream")
+        return completion(self.served_name, answers, *tokens)
 
 
 # ---------------------------------------------------------------------------------------------- start / stop

@@ -8,8 +8,9 @@
     stop_alm(svc)
 
 A request is one user message: text parts (the question) and at most one `input_audio` part (base64
-wav, mp3, flac, ogg/opus, m4a/aac or webm; vLLM's `audio_url` part with a data URL works too), optionally after system (or developer) messages, which become
-the prompt's system turn (ALARM trains without one: the adapter has not seen it, the frozen LLM has).
+wav, mp3, flac, ogg/opus, m4a/aac or webm; vLLM's `audio_url` part with a data URL works too),
+optionally after system (or developer) messages, which become the prompt's system turn (ALARM trains
+without one: the adapter has not seen it, the frozen LLM has).
 Without audio the ALM answers exactly as the frozen LLM. `stream: true` answers with server-sent
 `chat.completion.chunk` events as tokens are generated (`stream_options.include_usage` adds the usage
 chunk). Limits (`eval.serve`): audio bytes (413) and seconds (400); audio that does not decode is a 400
@@ -25,8 +26,6 @@ import logging
 import os
 import tempfile
 import threading
-import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +34,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from ralm.serve.openai_stream import DONE, ChunkStream, usage
+from ralm.serve.openai_format import DONE, ChunkStream, completion, error_object
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +53,7 @@ class RequestError(Exception):
 
 def _error(status: int, message: str, code: str, param: str | None = None) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse(status_code=status,
-                        content={"error": {"message": message, "type": kind, "code": code, "param": param}})
+    return JSONResponse(status_code=status, content=error_object(message, code, kind, param))
 
 
 @dataclass
@@ -216,13 +214,14 @@ def _request_failure(gen: Any) -> tuple[int, str, str, str]:
 
 
 class ClientGone(Exception):
-    """The streaming client closed the connection: its generation stops at the next token."""
+    """The client went away (a stream closed, a request cancelled): its generation stops at the next token."""
 
 
 class AnswerStream:
     """One answer: `generate(on_text)` runs in a thread (returning `[Generation]`) from creation on.
-    Not streamed (`stream=False`): `await result()` is the Generation. Streamed: `await refused()` waits for the first piece of text or the end and returns the Generation when the
-    engine refused the request before any text (the handler answers with an HTTP error, not a stream);
+    Not streamed (`stream=False`): `await result()` is the Generation. Streamed: `await refused()` waits
+    for the first piece of text or the end and returns the Generation when the engine refused the request
+    before any text (the handler answers with an HTTP error, not a stream);
     `events()` are the server-sent events as OpenAI streams them: a role chunk, content chunks as the
     tokens come, a finish chunk, the usage chunk if asked for, `[DONE]`; a failure mid-stream is an
     `error` event. A client that goes away (`events()` closed, or the `result()` await cancelled, as Serve
@@ -362,15 +361,7 @@ class ALMServer:
             return _error(500, f"generation failed: {type(e).__name__}: {e}", "engine_error")
         if gen.finish_reason == "error":
             return _error(*_request_failure(gen))
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": self.model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.text},
-                         "finish_reason": gen.finish_reason, "logprobs": None}],
-            "usage": usage(gen.prompt_tokens, gen.completion_tokens),
-        }
+        return completion(self.model_name, [(gen.text, gen.finish_reason)], gen.prompt_tokens, gen.completion_tokens)
 
     def _generate(self, req: ParsedRequest, audio: Any, on_text: Any = None) -> list[Any]:
         return self.engine.generate([(audio, req.question)], req.max_tokens, req.temperature, req.top_p, req.seed,

@@ -224,16 +224,18 @@ class VLLMEngine(Engine):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        # vLLM refuses n > 1 with greedy decoding; greedy answers are identical, so one is computed and copied.
-        return SamplingParams(n=1 if r.temperature == 0 else r.n, temperature=r.temperature, top_p=r.top_p if r.temperature > 0 else 1.0,
-                              max_tokens=r.max_tokens, seed=r.seed, output_kind=RequestOutputKind.FINAL_ONLY,
-                              **extra)
+        # vLLM refuses n > 1 with greedy decoding; greedy answers are identical, so one is computed and copied
+        # (`_submit`: r.n // params.n copies).
+        return SamplingParams(n=1 if r.temperature == 0 else r.n, temperature=r.temperature,
+                              top_p=r.top_p if r.temperature > 0 else 1.0, max_tokens=r.max_tokens, seed=r.seed,
+                              output_kind=RequestOutputKind.FINAL_ONLY, **extra)
 
     def _submit(self, requests: Sequence[GenRequest]) -> list[Future]:
         futs = []
         for r in requests:
-            fut = self._loop.submit(r.prompt_ids, self._params(r))
-            fut.copies = r.n if r.temperature == 0 else 1  # type: ignore[attr-defined]
+            params = self._params(r)
+            fut = self._loop.submit(r.prompt_ids, params)
+            fut.copies = r.n // params.n  # type: ignore[attr-defined]
             futs.append(fut)
         return futs
 

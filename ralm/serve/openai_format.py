@@ -1,4 +1,5 @@
-"""OpenAI chat-completion streaming: the server-sent events both endpoints send for `stream: true`
+"""OpenAI chat-completion response formats, shared by both endpoints (the frozen LLM's and the trained
+ALM's): the `chat.completion` body, the error object, and for `stream: true` the server-sent events
 (`chat.completion.chunk` objects, then `data: [DONE]`), so stock clients parse them."""
 
 from __future__ import annotations
@@ -15,6 +16,25 @@ DONE = "data: [DONE]\n\n"
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
+
+
+def error_object(message: str, code: str, kind: str = "invalid_request_error", param: str | None = None
+                 ) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "code": code, "param": param}}
+
+
+def completion(model: str, answers: Sequence[tuple[str, str]], prompt_tokens: int, completion_tokens: int
+               ) -> dict[str, Any]:
+    """A `chat.completion` body: one choice per (text, finish_reason)."""
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                     "logprobs": None} for i, (text, finish) in enumerate(answers)],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
 
 
 def event(payload: dict[str, Any]) -> str:
@@ -43,7 +63,7 @@ class ChunkStream:
     @staticmethod
     def error(message: str, code: str, kind: str = "server_error", param: str | None = None) -> str:
         """A failure after the stream has started (its HTTP status is already sent)."""
-        return event({"error": {"message": message, "type": kind, "code": code, "param": param}})
+        return event(error_object(message, code, kind, param))
 
     def whole(self, answers: Sequence[tuple[str, str]], include_usage: bool = False, prompt_tokens: int = 0,
               completion_tokens: int = 0) -> Iterator[str]:
