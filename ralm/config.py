@@ -292,6 +292,9 @@ class AlmServeConfig(Section):
     max_audio_mb: float = Field(16.0, gt=0, description="Largest decoded-before audio payload accepted")
     max_audio_seconds: float = Field(60.0, gt=0, description="Longest clip accepted (ALARM keeps <= 60 s)")
     max_new_tokens: int = Field(512, ge=1, description="Upper bound on a request's max_tokens")
+    max_batch_size: int = Field(8, ge=1, description="Concurrent requests a replica answers in one engine call "
+                                "(same sampling settings and system message); 1: one at a time")
+    batch_wait_ms: float = Field(5.0, ge=0, description="How long a request waits for others to batch with")
 
 
 class EvalConfig(Section):

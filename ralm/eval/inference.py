@@ -88,13 +88,20 @@ def encoder_spec(info: Any, specs: Sequence[EncoderSpec] = ()) -> EncoderSpec:
 OnText = Callable[[str], None]  # receives each new piece of a streamed answer's text, in order
 
 
+def cut_at_stop(text: str, stop: Sequence[str]) -> str | None:
+    """`text` up to the first occurrence of any stop string (excluded), or None when none occurs."""
+    hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return text[: min(hits)] if hits else None
+
+
 class Backend:
     """Generates from a list of prompt embeddings (or token ids for text-only prompts). With `on_text`
     (one prompt only) the answer's text is also handed over piece by piece as it is generated; the pieces
-    join to the returned text."""
+    join to the returned text. `stop`: strings that end an answer (OpenAI's `stop`), left out of its text."""
 
     def generate(self, prompts: Sequence[dict[str, Any]], max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = 0, on_text: OnText | None = None) -> list[Generation]:
+                 top_p: float = 1.0, seed: int | None = 0, on_text: OnText | None = None,
+                 stop: Sequence[str] = ()) -> list[Generation]:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -115,10 +122,12 @@ def register_backend(name: str) -> Callable[[Callable[..., Backend]], Callable[.
 class TextStreamer:
     """A `generate(streamer=...)` that decodes the new tokens as they come and hands `on_text` the text
     they add. Text is held back while it ends in an incomplete character (a multi-byte character split
-    over tokens decodes as U+FFFD until its last byte arrives)."""
+    over tokens decodes as U+FFFD until its last byte arrives) or in what may be the start of a stop string;
+    a stop string itself is never sent."""
 
-    def __init__(self, tokenizer: Any, eos_ids: Sequence[int], on_text: OnText):
+    def __init__(self, tokenizer: Any, eos_ids: Sequence[int], on_text: OnText, stop: Sequence[str] = ()):
         self.tok, self.eos, self.on_text = tokenizer, set(eos_ids), on_text
+        self.stop = [s for s in stop if s]
         self.ids: list[int] = []
         self.sent = ""
         self.prompt_seen = False
@@ -137,7 +146,14 @@ class TextStreamer:
         if not text.endswith("\ufffd"):
             self.emit(text)
 
-    def emit(self, text: str) -> None:
+    def emit(self, text: str, final: bool = False) -> None:
+        if self.stop:
+            cut = cut_at_stop(text, self.stop)
+            if cut is not None:
+                text = cut
+            elif not final:  # hold back a tail that a stop string may start with
+                held = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+                text = text[: len(text) - held]
         if text.startswith(self.sent) and len(text) > len(self.sent):
             self.on_text(text[len(self.sent):])
             self.sent = text
@@ -158,9 +174,12 @@ class TransformersBackend(Backend):
         self.eos_ids = sorted({eos} if isinstance(eos, int) else set(eos or []))
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_ids[0]
 
+    def _stop_kwargs(self, stop: Sequence[str]) -> dict[str, Any]:
+        return {"stop_strings": list(stop), "tokenizer": self.alm.tokenizer} if stop else {}
+
     @torch.no_grad()
     def _one(self, prompt: dict[str, Any], max_new_tokens: int, temperature: float, top_p: float,
-             seed: int | None, on_text: OnText | None = None) -> Generation:
+             seed: int | None, on_text: OnText | None = None, stop: Sequence[str] = ()) -> Generation:
         llm = self.alm.llm
         if "prompt_embeds" in prompt:
             emb = prompt["prompt_embeds"].to(llm.device)[None]
@@ -176,23 +195,29 @@ class TransformersBackend(Backend):
             torch.manual_seed(seed)
         kw: dict[str, Any] = ({"do_sample": True, "temperature": temperature, "top_p": top_p} if sample
                               else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None})
-        streamer = TextStreamer(self.alm.tokenizer, self.eos_ids, on_text) if on_text else None
+        streamer = TextStreamer(self.alm.tokenizer, self.eos_ids, on_text, stop) if on_text else None
         out = llm.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=self.eos_ids,
-                           pad_token_id=self.pad_id, streamer=streamer, **kw)
+                           pad_token_id=self.pad_id, streamer=streamer, **kw, **self._stop_kwargs(stop))
         new = out[0, n_prompt:] if "input_ids" in inputs else out[0]
-        gen = self._generation(new.tolist(), n_prompt, max_new_tokens)
+        gen = self._generation(new.tolist(), n_prompt, max_new_tokens, stop)
         if streamer is not None:
-            streamer.emit(gen.text)  # whatever was held back at the end
+            streamer.emit(gen.text, final=True)  # whatever was held back at the end
         return gen
 
-    def _generation(self, row: Sequence[int], n_prompt: int, max_new_tokens: int) -> Generation:
+    def _generation(self, row: Sequence[int], n_prompt: int, max_new_tokens: int, stop: Sequence[str] = ()
+                    ) -> Generation:
         toks, finish = cut_at_eos(row, self.eos_ids)
         if finish == "length" and len(toks) < max_new_tokens:
             finish = "stop"  # generation ended early without an EOS id in the output (e.g. a stop string)
-        return Generation(self.alm.tokenizer.decode(toks, skip_special_tokens=True), n_prompt, len(toks), finish)
+        text = self.alm.tokenizer.decode(toks, skip_special_tokens=True)
+        cut = cut_at_stop(text, stop)
+        if cut is not None:
+            text, finish = cut, "stop"
+        return Generation(text, n_prompt, len(toks), finish)
 
     @torch.no_grad()
-    def _batch(self, prompts: Sequence[dict[str, Any]], max_new_tokens: int) -> list[Generation]:
+    def _batch(self, prompts: Sequence[dict[str, Any]], max_new_tokens: int, stop: Sequence[str] = ()
+               ) -> list[Generation]:
         """Greedy, several prompts at once: left-padded embeddings (token-id prompts are embedded)."""
         llm = self.alm.llm
         embs = [p["prompt_embeds"].to(llm.device) if "prompt_embeds" in p else self.alm.embed_ids(p["prompt_token_ids"])
@@ -204,20 +229,23 @@ class TransformersBackend(Backend):
             x[i, width - e.shape[0]:] = e
             mask[i, width - e.shape[0]:] = 1
         out = llm.generate(inputs_embeds=x, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                           temperature=None, top_p=None, top_k=None, eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
-        return [self._generation(row, e.shape[0], max_new_tokens) for e, row in zip(embs, out.tolist(), strict=True)]
+                           temperature=None, top_p=None, top_k=None, eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
+                           **self._stop_kwargs(stop))
+        return [self._generation(row, e.shape[0], max_new_tokens, stop)
+                for e, row in zip(embs, out.tolist(), strict=True)]
 
     def generate(self, prompts: Sequence[dict[str, Any]], max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = 0, on_text: OnText | None = None) -> list[Generation]:
+                 top_p: float = 1.0, seed: int | None = 0, on_text: OnText | None = None,
+                 stop: Sequence[str] = ()) -> list[Generation]:
         # One prompt (chat, serving, the text check) takes the exact single-sequence path; greedy batches
         # are padded together (several times faster on CPU; numerics may differ in the last bits).
         if on_text is not None and len(prompts) != 1:
             raise ValueError("streaming (on_text) takes exactly one prompt")
         if len(prompts) == 1 or temperature > 0 or self.batch_size <= 1:
-            return [self._one(p, max_new_tokens, temperature, top_p, seed, on_text) for p in prompts]
+            return [self._one(p, max_new_tokens, temperature, top_p, seed, on_text, stop) for p in prompts]
         out: list[Generation] = []
         for s in range(0, len(prompts), self.batch_size):
-            out.extend(self._batch(prompts[s : s + self.batch_size], max_new_tokens))
+            out.extend(self._batch(prompts[s : s + self.batch_size], max_new_tokens, stop))
         return out
 
 
@@ -244,7 +272,8 @@ class VLLMBackend(Backend):
         self._lock = threading.Lock()
 
     def generate(self, prompts: Sequence[dict[str, Any]], max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = 0, on_text: OnText | None = None) -> list[Generation]:
+                 top_p: float = 1.0, seed: int | None = 0, on_text: OnText | None = None,
+                 stop: Sequence[str] = ()) -> list[Generation]:
         # The offline LLM returns whole answers: a streamed request gets its answer as one piece.
         from vllm import SamplingParams
         from vllm.inputs import EmbedsPrompt, TokensPrompt
@@ -253,7 +282,7 @@ class VLLMBackend(Backend):
                   if "prompt_embeds" in p else TokensPrompt(prompt_token_ids=list(p["prompt_token_ids"]))
                   for p in prompts]
         params = SamplingParams(temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
-                                max_tokens=max_new_tokens, seed=seed)
+                                max_tokens=max_new_tokens, seed=seed, stop=[s for s in stop if s] or None)
         with self._lock:
             outs = self.llm.generate(inputs, params, use_tqdm=False)
         result = []
@@ -392,10 +421,11 @@ class ALMInference:
     # ------------------------------------------------------------------------------------------ answering
     def generate(self, requests: Sequence[tuple[AudioInput, str]], max_new_tokens: int = 256,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = 0, system: str | None = None,
-                 on_text: OnText | None = None) -> list[Generation]:
+                 on_text: OnText | None = None, stop: Sequence[str] = ()) -> list[Generation]:
         """Answer each (audio, question); an audio that cannot be decoded, or a prompt that with
         `max_new_tokens` exceeds the LLM's context, fails alone (finish 'error', with an error_code).
-        `on_text` (one request): the answer's text piece by piece as it is generated (see `Backend`)."""
+        `on_text` (one request): the answer's text piece by piece as it is generated; `stop`: strings that
+        end an answer, left out of it (see `Backend`)."""
         ok: list[dict[str, Any]] = []  # the prompts to generate from
         failed: list[Generation | None] = []  # per request: its failure, or None when its prompt is in `ok`
         with self._lock:
@@ -411,7 +441,7 @@ class ALMInference:
                     if fail is None:
                         ok.append(prompt)
                 failed.append(fail)
-            gens = iter(self.backend.generate(ok, max_new_tokens, temperature, top_p, seed, on_text) if ok else [])
+            gens = iter(self.backend.generate(ok, max_new_tokens, temperature, top_p, seed, on_text, stop) if ok else [])
         return [fail or next(gens) for fail in failed]
 
     @property

@@ -13,7 +13,9 @@ optionally after system (or developer) messages, which become the prompt's syste
 without one: the adapter has not seen it, the frozen LLM has).
 Without audio the ALM answers exactly as the frozen LLM. `stream: true` answers with server-sent
 `chat.completion.chunk` events as tokens are generated (`stream_options.include_usage` adds the usage
-chunk). Limits (`eval.serve`): audio bytes (413) and seconds (400); audio that does not decode is a 400
+chunk). `stop` (a string or up to 4) ends the answer where one appears, left out of the text. Concurrent non-streamed requests with the same sampling settings are answered in one engine
+call (`eval.serve.max_batch_size`, `batch_wait_ms`; `GET /stats` shows the batches a replica ran).
+Limits (`eval.serve`): audio bytes (413) and seconds (400); audio that does not decode is a 400
 that says why. A bad request never takes the replica down. Binds 127.0.0.1 unless configured otherwise.
 """
 
@@ -26,14 +28,16 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
+from ralm.serve.batching import Entry, MicroBatcher
 from ralm.serve.openai_format import DONE, ChunkStream, completion, error_object
 
 log = logging.getLogger(__name__)
@@ -68,6 +72,7 @@ class ParsedRequest:
     system: str | None = None
     stream: bool = False
     include_usage: bool = False
+    stop: tuple[str, ...] = ()  # strings that end the answer (left out of it)
 
 
 def _text_content(content: Any, param: str) -> str:
@@ -137,7 +142,15 @@ def parse_request(body: Any, max_audio_bytes: int, max_new_tokens: int) -> Parse
     if max_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
         raise RequestError(400, "need max_tokens >= 1, temperature >= 0, 0 < top_p <= 1", "invalid_request")
     return ParsedRequest(question or "Describe the audio.", audio, fmt, max_tokens, temperature, top_p, seed,
-                         system, stream, bool(stream_options.get("include_usage")))
+                         system, stream, bool(stream_options.get("include_usage")), _stop_strings(body.get("stop")))
+
+
+def _stop_strings(stop: Any) -> tuple[str, ...]:
+    """OpenAI's `stop`: a string or up to 4 strings."""
+    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else [] if stop is None else None
+    if stops is None or len(stops) > 4 or not all(isinstance(x, str) for x in stops):
+        raise RequestError(400, "stop must be a string or a list of up to 4 strings", "invalid_request", "stop")
+    return tuple(dict.fromkeys(x for x in stops if x))
 
 
 _MIME_FORMATS = {"wav": "wav", "x-wav": "wav", "wave": "wav", "vnd.wave": "wav", "mpeg": "mp3", "mp3": "mp3",
@@ -218,21 +231,19 @@ class ClientGone(Exception):
 
 
 class AnswerStream:
-    """One answer: `generate(on_text)` runs in a thread (returning `[Generation]`) from creation on.
-    Not streamed (`stream=False`): `await result()` is the Generation. Streamed: `await refused()` waits
-    for the first piece of text or the end and returns the Generation when the engine refused the request
-    before any text (the handler answers with an HTTP error, not a stream);
+    """One streamed answer: `generate(on_text)` runs in a thread (returning `[Generation]`) from creation
+    on. `await refused()` waits for the first piece of text or the end and returns the Generation when the
+    engine refused the request before any text (the handler answers with an HTTP error, not a stream);
     `events()` are the server-sent events as OpenAI streams them: a role chunk, content chunks as the
     tokens come, a finish chunk, the usage chunk if asked for, `[DONE]`; a failure mid-stream is an
-    `error` event. A client that goes away (`events()` closed, or the `result()` await cancelled, as Serve
+    `error` event. A client that goes away (`events()` closed, or the `refused()` await cancelled, as Serve
     does when an HTTP client disconnects) stops the generation at its next token instead of letting it run
     to max_tokens while the next requests wait for the replica."""
 
     def __init__(self, generate: Callable[[Callable[[str], None]], list[Any]], model_name: str,
-                 include_usage: bool = False, stream: bool = True) -> None:
+                 include_usage: bool = False) -> None:
         self.out = ChunkStream(model_name)
         self.include_usage = include_usage
-        self.stream = stream
         self._loop = asyncio.get_running_loop()
         self._pieces: asyncio.Queue[str] = asyncio.Queue()
         self._first: str | None = None
@@ -242,20 +253,13 @@ class AnswerStream:
     def _on_text(self, text: str) -> None:  # the generation thread
         if self._gone.is_set():
             raise ClientGone("the client went away")
-        if self.stream:  # queued in order, and before the task's own result lands (both go through the loop)
-            self._loop.call_soon_threadsafe(self._pieces.put_nowait, text)
+        # queued in order, and before the task's own result lands (both go through the loop)
+        self._loop.call_soon_threadsafe(self._pieces.put_nowait, text)
 
     def _stop(self) -> None:
         if not self._task.done():
             self._gone.set()
             self._task.add_done_callback(lambda t: t.cancelled() or t.exception())  # its ClientGone is expected
-
-    async def result(self) -> Any:
-        try:
-            return (await asyncio.shield(self._task))[0]
-        except asyncio.CancelledError:
-            self._stop()
-            raise
 
     async def _next_piece(self) -> str | None:
         """The next piece of text, or None once the generation has ended and every piece is out."""
@@ -305,6 +309,33 @@ class AnswerStream:
             self._stop()  # when closed mid-answer
 
 
+BatchItem = tuple[ParsedRequest, Any]  # a request and its decoded audio (or None)
+
+
+def batch_key(item: BatchItem) -> tuple:
+    """Requests answered in one engine call share their sampling settings and system turn."""
+    req = item[0]
+    sampled = req.temperature > 0
+    return (req.system, req.max_tokens, req.stop, req.temperature, req.top_p if sampled else None,
+            req.seed if sampled else None)
+
+
+def answer_batch(engine: Any, entries: Sequence[Entry[BatchItem]]) -> list[Any]:
+    """One engine call for a batch of non-streamed requests (same `batch_key`). A batch of one keeps the
+    token-by-token path, so a client that leaves stops its generation at the next token."""
+    req = entries[0].item[0]
+    on_text = None
+    if len(entries) == 1:
+        gone = entries[0].gone
+
+        def on_text(_: str) -> None:
+            if gone.is_set():
+                raise ClientGone("the client went away")
+
+    return engine.generate([(audio, r.question) for r, audio in (e.item for e in entries)], req.max_tokens,
+                           req.temperature, req.top_p, req.seed, system=req.system, on_text=on_text, stop=req.stop)
+
+
 @serve.deployment(name="ALMServer")
 @serve.ingress(api)
 class ALMServer:
@@ -318,13 +349,21 @@ class ALMServer:
         self.cfg = AlmServeConfig.model_validate(serve_cfg)
         self.model_name = model_name
         self.engine = ALMInference(export_dirs, backend=backend, glue=glue,
-                                   encoder_specs=[EncoderSpec.model_validate(s) for s in encoder_specs])
+                                   encoder_specs=[EncoderSpec.model_validate(s) for s in encoder_specs],
+                                   backend_options={"batch_size": self.cfg.max_batch_size})
         self.sample_rate = max(self.engine.sample_rates)
         self.max_audio_bytes = int(self.cfg.max_audio_mb * 2**20)
+        self.batcher = MicroBatcher(partial(answer_batch, self.engine), batch_key, self.cfg.max_batch_size,
+                                    self.cfg.batch_wait_ms / 1000)
 
     @api.get("/health")
     async def health(self) -> dict:
         return {"status": "ok"}
+
+    @api.get("/stats")
+    async def stats(self) -> dict:
+        """This replica's batching: batches run, requests in them, how many of each size."""
+        return self.batcher.stats()
 
     @api.get("/v1/models")
     async def models(self) -> dict:
@@ -354,8 +393,7 @@ class ALMServer:
                 return _error(*_request_failure(refused))
             return StreamingResponse(stream.events(), media_type="text/event-stream")
         try:
-            gen = await AnswerStream(lambda on_text: self._generate(req, audio, on_text), self.model_name,
-                                     stream=False).result()
+            gen = await self.batcher.submit((req, audio))
         except Exception as e:  # the replica keeps serving; the client learns what failed
             log.exception("ALM generation failed")
             return _error(500, f"generation failed: {type(e).__name__}: {e}", "engine_error")
@@ -363,9 +401,9 @@ class ALMServer:
             return _error(*_request_failure(gen))
         return completion(self.model_name, [(gen.text, gen.finish_reason)], gen.prompt_tokens, gen.completion_tokens)
 
-    def _generate(self, req: ParsedRequest, audio: Any, on_text: Any = None) -> list[Any]:
+    def _generate(self, req: ParsedRequest, audio: Any, on_text: Any) -> list[Any]:
         return self.engine.generate([(audio, req.question)], req.max_tokens, req.temperature, req.top_p, req.seed,
-                                    system=req.system, on_text=on_text)
+                                    system=req.system, on_text=on_text, stop=req.stop)
 
 
 # ---------------------------------------------------------------------------------------------- start / stop

@@ -90,6 +90,38 @@ def test_serve_openai_client(ray_local, tiny_export, tmp_path):
         assert chunks[-1].usage.completion_tokens == 6 and chunks[-1].usage.prompt_tokens == ok.usage.prompt_tokens
         assert len({c.id for c in chunks}) == 1
 
+        # Concurrent clients: answered in shared engine calls (the replica's /stats counts them), each
+        # with the answer it gets alone.
+        import urllib.request
+        from concurrent.futures import ThreadPoolExecutor
+
+        def ask(freq: float) -> str:
+            r = client.chat.completions.create(model=svc.model, messages=_audio_msg(_wav_bytes(1.0, freq=freq)),
+                                               max_tokens=6)
+            return r.choices[0].message.content
+
+        freqs = [220.0, 330.0, 440.0, 660.0, 880.0, 1320.0]
+        alone = [ask(f) for f in freqs]
+        stats_url = svc.url[: -len("/v1")] + "/stats"
+        before = json.loads(urllib.request.urlopen(stats_url, timeout=30).read())
+        with ThreadPoolExecutor(len(freqs)) as pool:
+            together = list(pool.map(ask, freqs))
+        after = json.loads(urllib.request.urlopen(stats_url, timeout=30).read())
+        assert together == alone and len(set(alone)) > 1
+        assert after["requests"] - before["requests"] == len(freqs)
+        assert after["batches"] - before["batches"] < len(freqs)  # some went together
+
+        # OpenAI's `stop`: the answer ends where a stop string appears, without it (streamed or not).
+        text = ok.choices[0].message.content
+        stop = text[-3:]
+        stopped = client.chat.completions.create(model=svc.model, messages=_audio_msg(_wav_bytes(1.0)), max_tokens=6,
+                                                 stop=[stop, "\x00"])
+        assert stopped.choices[0].message.content == text[: text.index(stop)]
+        assert stopped.choices[0].finish_reason == "stop"
+        stopped_stream = client.chat.completions.create(model=svc.model, messages=_audio_msg(_wav_bytes(1.0)),
+                                                        max_tokens=6, stop=stop, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stopped_stream if c.choices) == text[: text.index(stop)]
+
         # A system message becomes the prompt's system turn (clients often send one).
         system = [{"role": "system", "content": "Answer briefly."}]
         sys_reply = client.chat.completions.create(model=svc.model, messages=system + _audio_msg(_wav_bytes(1.0)),
@@ -111,6 +143,9 @@ def test_serve_openai_client(ray_local, tiny_export, tmp_path):
             (_audio_msg(b"\0" * 400_000), 413, "MB > limit"),  # over the byte limit, refused before decoding
             ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], 400, "not supported"),
         ]
+        with pytest.raises(openai.BadRequestError, match="up to 4 strings"):
+            client.chat.completions.create(model=svc.model, messages=_audio_msg(_wav_bytes(1.0)), max_tokens=4,
+                                           stop=["a", "b", "c", "d", "e"])
         for i, (messages, status, text) in enumerate(bad_cases):
             with pytest.raises(openai.APIStatusError) as err:  # a streamed request is refused the same way
                 client.chat.completions.create(model=svc.model, messages=messages, max_tokens=4, stream=i % 2 == 1)

@@ -65,6 +65,42 @@ def test_streamed_pieces_arrive_one_by_one_and_join_to_the_answer(engine, write_
         engine.backend.generate([{"prompt_token_ids": [1]}, {"prompt_token_ids": [2]}], 2, on_text=print)
 
 
+def test_stop_strings_end_the_answer_streamed_batched_or_not(engine, write_wav):
+    clip = str(write_wav("tone.wav", seconds=1.0, freq=440))
+    whole = engine.generate([(clip, "What do you hear?")], 24)[0].text
+    other = engine.generate([(None, "What do you hear?")], 24)[0].text
+    stop = whole[len(whole) // 2 : len(whole) // 2 + 3]
+    assert stop and stop not in whole[: len(whole) // 2]
+    expected = whole[: whole.index(stop)]
+    cut = engine.generate([(clip, "What do you hear?")], 24, stop=[stop])[0]
+    assert cut.text == expected and cut.finish_reason == "stop"
+    pieces: list[str] = []
+    streamed = engine.generate([(clip, "What do you hear?")], 24, on_text=pieces.append, stop=["\x00never", stop])[0]
+    assert streamed.text == expected and "".join(pieces) == expected
+    # Batched greedy (the serving path for concurrent requests): each row is cut at its own stop.
+    both = engine.generate([(clip, "What do you hear?"), (None, "What do you hear?")], 24, stop=[stop])
+    assert both[0].text == expected
+    assert both[1].text == (other[: other.index(stop)] if stop in other else other)
+
+
+def test_the_streamer_holds_back_what_may_start_a_stop_string():
+    from ralm.eval.inference import TextStreamer, cut_at_stop
+
+    sent: list[str] = []
+    s = TextStreamer(None, [], sent.append, stop=["</ans>", "STOP"])
+    for text in ["The", "The answer <", "The answer </a", "The answer </x> S", "The answer </x> ST", "The answer </x> STOP!"]:
+        s.emit(text)
+    assert "".join(sent) == "The answer </x> " and sent == ["The", " answer ", "</x> "]
+    s.emit("The answer </x> ", final=True)
+    assert "".join(sent) == "The answer </x> "
+    ended: list[str] = []
+    s = TextStreamer(None, [], ended.append, stop=["STOP"])
+    s.emit("almost ST")
+    s.emit("almost ST", final=True)  # the answer ended on a partial stop string: it is text after all
+    assert "".join(ended) == "almost ST"
+    assert cut_at_stop("a, b. c", [".", ","]) == "a" and cut_at_stop("abc", ["x"]) is None
+
+
 def _sse(event: str) -> dict:
     import json
 
@@ -127,23 +163,29 @@ def test_answer_stream_sends_openai_chunks_and_a_closed_stream_stops_its_generat
     assert isinstance(ended.get("stopped"), ClientGone)
 
 
+def _request(question: str, max_tokens: int, **kw):
+    from ralm.serve.alm_app import ParsedRequest
+
+    return ParsedRequest(question=question, audio=None, audio_format=None, max_tokens=max_tokens,
+                         temperature=kw.pop("temperature", 0.0), top_p=1.0, seed=0, **kw)
+
+
 def test_a_cancelled_request_stops_its_generation(engine):
     """Serve cancels a request whose HTTP client disconnected: a non-streamed answer stops at its next
     token instead of holding the replica (and the requests queued behind it) until max_tokens."""
     import asyncio
     import threading
+    from functools import partial
 
-    from ralm.serve.alm_app import AnswerStream, ClientGone
+    from ralm.serve.alm_app import ClientGone, answer_batch, batch_key
+    from ralm.serve.batching import MicroBatcher
 
     started, finished, ended = threading.Event(), threading.Event(), {}
 
-    def generate(on_text):
-        def tick(text):
-            started.set()
-            on_text(text)
-
+    def run(entries):
         try:
-            return engine.generate([(None, "Tell me a story.")], 400, on_text=tick)
+            started.set()
+            return answer_batch(engine, entries)
         except ClientGone as e:
             ended["stopped"] = e
             raise
@@ -151,10 +193,11 @@ def test_a_cancelled_request_stops_its_generation(engine):
             finished.set()
 
     async def request_then_disconnect() -> None:
-        answer = AnswerStream(generate, "m", stream=False)
-        waiting = asyncio.ensure_future(answer.result())
+        batcher = MicroBatcher(run, batch_key, max_batch=8, wait_s=0)
+        waiting = asyncio.ensure_future(batcher.submit((_request("Tell me a story.", 400), None)))
         while not started.is_set():
             await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)  # a few tokens in
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting
@@ -163,10 +206,44 @@ def test_a_cancelled_request_stops_its_generation(engine):
     assert finished.wait(120) and isinstance(ended.get("stopped"), ClientGone)
 
     async def complete() -> object:  # left alone, the same request runs to its end
-        return await AnswerStream(lambda on_text: engine.generate([(None, "q")], 5, on_text=on_text), "m",
-                                  stream=False).result()
+        return await MicroBatcher(partial(answer_batch, engine), batch_key).submit((_request("q", 5), None))
 
     assert asyncio.run(complete()) == engine.generate([(None, "q")], 5)[0]
+
+
+def test_concurrent_requests_are_answered_in_one_engine_call(engine, write_wav):
+    """Requests sent together with the same settings share one batched generate; each gets the answer
+    it gets alone. Other settings (a system turn, max_tokens, sampling) go in batches of their own."""
+    import asyncio
+    from functools import partial
+
+    from ralm.serve.alm_app import answer_batch, batch_key
+    from ralm.serve.batching import MicroBatcher
+
+    clips = [engine.load(str(write_wav(f"t{f}.wav", seconds=1.0, freq=f))) for f in (220, 440, 880)]
+    items = [(_request("What do you hear?", 8), clips[0]), (_request("Describe it.", 8), clips[1]),
+             (_request("What do you hear?", 8), None), (_request("What do you hear?", 8), clips[2]),
+             (_request("What do you hear?", 8, system="Be terse."), clips[0]),
+             (_request("What do you hear?", 5), clips[0]),
+             (_request("What do you hear?", 8, temperature=0.8), clips[1])]
+    alone = [engine.generate([(audio, r.question)], r.max_tokens, r.temperature, r.top_p, r.seed,
+                             system=r.system)[0] for r, audio in items]
+    calls: list[int] = []
+
+    def run(entries):
+        calls.append(len(entries))
+        return answer_batch(engine, entries)
+
+    async def together():
+        batcher = MicroBatcher(run, batch_key, max_batch=8, wait_s=0.05)
+        return await asyncio.gather(*(batcher.submit(i) for i in items))
+
+    answers = asyncio.run(together())
+    assert calls == [4, 1, 1, 1]  # the four plain greedy 8-token requests together, the rest alone
+    assert [a.text for a in answers] == [a.text for a in alone]
+    assert [a.completion_tokens for a in answers] == [a.completion_tokens for a in alone]
+    assert len({a.text for a in answers[:4]}) > 1  # different prompts, different answers: not one copied
+    assert asyncio.run(MicroBatcher(partial(answer_batch, engine), batch_key).submit(items[0])) == alone[0]
 
 
 def test_a_prompt_over_the_context_fails_alone(engine, write_wav):
