@@ -294,7 +294,8 @@ class AlmServeConfig(Section):
     max_new_tokens: int = Field(512, ge=1, description="Upper bound on a request's max_tokens")
     max_batch_size: int = Field(8, ge=1, description="Concurrent requests a replica answers in one engine call "
                                 "(same sampling settings and system message); 1: one at a time")
-    batch_wait_ms: float = Field(5.0, ge=0, description="How long a request waits for others to batch with")
+    batch_wait_ms: float = Field(50.0, ge=0, description="How long a batch waits for requests to join it when "
+                                 "fewer are queued than the last batch held (a quiet replica never waits)")
 
 
 class EvalConfig(Section):

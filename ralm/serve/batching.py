@@ -3,10 +3,11 @@
 A frozen LLM decodes one token for 8 sequences in little more time than for one (on a GPU, and on a CPU
 for a small model), so a replica that answers concurrent requests one by one wastes most of its engine.
 `MicroBatcher.submit(item)` queues an item; one worker takes the oldest queued item and every queued item
-with the same key (up to `max_batch`, waiting `wait_s` for more when fewer are there), runs them as one
-call of `run(items)` in a thread, and hands each caller its own result. Items with different keys (other
-sampling settings, another system prompt) are never mixed. Under load, requests queue while a batch runs
-and go together in the next; alone, a request waits only `wait_s`.
+with the same key (up to `max_batch`), runs them as one call of `run(items)` in a thread, and hands each
+caller its own result. Items with different keys (other sampling settings, another system prompt) are
+never mixed. Under load, requests queue while a batch runs and go together in the next; when fewer are
+queued than the last batch held, the worker waits up to `wait_s` for the rest (busy clients send their
+next requests as their answers arrive); a request on a quiet replica does not wait at all.
 
 A caller that goes away (its await cancelled, as Serve does when the HTTP client disconnects) is dropped
 from the queue; if its batch is already running, `Entry.gone` is set so `run` can stop it early. When a
@@ -49,6 +50,7 @@ class MicroBatcher(Generic[T, R]):
         self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self.batch_sizes: Counter[int] = Counter()  # how many batches of each size have run
+        self._last = 1  # the size of the last batch: how many requests to wait for (see `_gather`)
 
     def stats(self) -> dict[str, Any]:
         n = sum(self.batch_sizes.values())
@@ -88,12 +90,29 @@ class MicroBatcher(Generic[T, R]):
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
-                key = self._queue[0].key
-                if self.wait_s and sum(e.key == key for e in self._queue) < self.max_batch:
-                    await asyncio.sleep(self.wait_s)  # let the requests sent together arrive
-                    if not self._queue:
-                        break
-                await self._run(self._take())
+                await self._gather(self._queue[0].key)
+                if not self._queue:  # the waiting requests were cancelled
+                    break
+                batch = self._take()
+                self._last = len(batch)
+                await self._run(batch)
+
+    async def _gather(self, key: Hashable) -> None:
+        """Wait up to wait_s for as many requests with `key` as the last batch held: the clients of a busy
+        replica send their next requests as their answers arrive, a few ms apart, and would otherwise
+        split into a big batch and a small one. A lone request on a quiet replica does not wait."""
+        assert self._wake is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait_s
+        while sum(e.key == key for e in self._queue) < min(self._last, self.max_batch):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except TimeoutError:
+                return
 
     async def _run(self, batch: list[Entry[T]]) -> None:
         self.batch_sizes[len(batch)] += 1

@@ -53,6 +53,28 @@ def test_items_with_different_keys_are_never_mixed():
     assert run.calls == [["a1", "a2", "a3"], ["b1", "b2"]]
 
 
+def test_a_busy_replica_waits_for_its_clients_next_requests_and_a_quiet_one_does_not_wait():
+    run = Recorder()
+
+    async def staggered(b, items, gap_s=0.03):
+        tasks = []
+        for i in items:
+            tasks.append(asyncio.ensure_future(b.submit(i)))
+            await asyncio.sleep(gap_s)
+        return await asyncio.gather(*tasks)
+
+    async def main():
+        b = MicroBatcher(run, key=lambda i: 0, max_batch=8, wait_s=2.0)
+        # Quiet (the last batch held one): each request runs at once, however long wait_s is.
+        await staggered(b, [1, 2])
+        # Four clients at once, then their next requests a few ms apart: gathered into one batch again.
+        await asyncio.gather(*(b.submit(i) for i in (10, 11, 12, 13)))
+        return await staggered(b, [20, 21, 22, 23])
+
+    assert asyncio.run(main()) == [40, 42, 44, 46]
+    assert run.calls == [[1], [2], [10, 11, 12, 13], [20, 21, 22, 23]]
+
+
 def test_a_failing_batch_is_retried_one_by_one_so_only_the_bad_request_fails():
     run = Recorder()
 
