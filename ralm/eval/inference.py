@@ -86,6 +86,22 @@ def encoder_spec(info: Any, specs: Sequence[EncoderSpec] = ()) -> EncoderSpec:
 
 # ---------------------------------------------------------------------------------------------- back ends
 OnText = Callable[[str], None]  # receives each new piece of a streamed answer's text, in order
+OnTexts = OnText | Sequence[OnText | None] | None  # one callback (one prompt), or one per prompt (None: not streamed)
+
+
+class ClientGone(Exception):
+    """Raised by an `OnText` whose reader went away (a stream closed, a request cancelled). Alone, the
+    generation stops at the next token; in a batch, that answer stops being streamed and the others go on."""
+
+
+def per_prompt(on_text: OnTexts, n: int) -> list[OnText | None]:
+    if on_text is None or callable(on_text):
+        if on_text is not None and n != 1:
+            raise ValueError("one on_text callback takes exactly one prompt; pass one per prompt")
+        return [on_text] * n
+    if len(on_text) != n:
+        raise ValueError(f"{len(on_text)} on_text callbacks for {n} prompts")
+    return list(on_text)
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str | None:
@@ -96,11 +112,12 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str | None:
 
 class Backend:
     """Generates from a list of prompt embeddings (or token ids for text-only prompts). With `on_text`
-    (one prompt only) the answer's text is also handed over piece by piece as it is generated; the pieces
-    join to the returned text. `stop`: strings that end an answer (OpenAI's `stop`), left out of its text."""
+    (a callback for one prompt, or one per prompt) an answer's text is also handed over piece by piece as
+    it is generated; the pieces join to the returned text. A callback that raises `ClientGone` stops its
+    answer's generation when it is alone, and only its streaming in a batch. `stop`: strings that end an answer (OpenAI's `stop`), left out of its text."""
 
     def generate(self, prompts: Sequence[dict[str, Any]], max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = 0, on_text: OnText | None = None,
+                 top_p: float = 1.0, seed: int | None = 0, on_text: OnTexts = None,
                  stop: Sequence[str] = ()) -> list[Generation]:
         raise NotImplementedError
 
@@ -137,7 +154,10 @@ class TextStreamer:
         if not self.prompt_seen:  # generate() first puts the prompt (empty when it is given as embeddings)
             self.prompt_seen = True
             return
-        for t in value.reshape(-1).tolist():
+        self.push(value.reshape(-1).tolist())
+
+    def push(self, tokens: Sequence[int]) -> None:
+        for t in tokens:
             if self.stopped or t in self.eos:
                 self.stopped = True
                 return
@@ -157,6 +177,43 @@ class TextStreamer:
         if text.startswith(self.sent) and len(text) > len(self.sent):
             self.on_text(text[len(self.sent):])
             self.sent = text
+
+    def end(self) -> None:
+        pass
+
+
+class RowStreamer:
+    """`generate(streamer=...)` for a batch: each row's new tokens go to that row's `TextStreamer` (None:
+    that row is not streamed). A row whose reader left (`ClientGone`) is no longer streamed; the batch goes
+    on for the others, and stops only when every row was streamed and all have left."""
+
+    def __init__(self, rows: Sequence[TextStreamer | None]):
+        self.rows = list(rows)
+        self.gone: set[int] = set()
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for i, (row, tokens) in enumerate(zip(self.rows, value.reshape(len(self.rows), -1).tolist(), strict=True)):
+            if row is None or i in self.gone:
+                continue
+            try:
+                row.push(tokens)
+            except ClientGone:
+                self.gone.add(i)
+        if len(self.gone) == len(self.rows):
+            raise ClientGone("every client of the batch went away")
+
+    def finish(self, gens: Sequence[Generation]) -> None:
+        """Send what each streamed row held back at the end."""
+        for i, (row, gen) in enumerate(zip(self.rows, gens, strict=True)):
+            if row is not None and i not in self.gone:
+                try:
+                    row.emit(gen.text, final=True)
+                except ClientGone:
+                    self.gone.add(i)
 
     def end(self) -> None:
         pass
@@ -216,9 +273,10 @@ class TransformersBackend(Backend):
         return Generation(text, n_prompt, len(toks), finish)
 
     @torch.no_grad()
-    def _batch(self, prompts: Sequence[dict[str, Any]], max_new_tokens: int, stop: Sequence[str] = ()
-               ) -> list[Generation]:
-        """Greedy, several prompts at once: left-padded embeddings (token-id prompts are embedded)."""
+    def _batch(self, prompts: Sequence[dict[str, Any]], max_new_tokens: int, stop: Sequence[str] = (),
+               on_texts: Sequence[OnText | None] = ()) -> list[Generation]:
+        """Greedy, several prompts at once: left-padded embeddings (token-id prompts are embedded); rows with
+        an on_text callback are streamed."""
         llm = self.alm.llm
         embs = [p["prompt_embeds"].to(llm.device) if "prompt_embeds" in p else self.alm.embed_ids(p["prompt_token_ids"])
                 for p in prompts]
@@ -228,25 +286,41 @@ class TransformersBackend(Backend):
         for i, e in enumerate(embs):
             x[i, width - e.shape[0]:] = e
             mask[i, width - e.shape[0]:] = 1
+        streamer = None
+        if any(on_texts):
+            streamer = RowStreamer([TextStreamer(self.alm.tokenizer, self.eos_ids, f, stop) if f else None
+                                    for f in on_texts])
         out = llm.generate(inputs_embeds=x, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                            temperature=None, top_p=None, top_k=None, eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
-                           **self._stop_kwargs(stop))
-        return [self._generation(row, e.shape[0], max_new_tokens, stop)
-                for e, row in zip(embs, out.tolist(), strict=True)]
+                           streamer=streamer, **self._stop_kwargs(stop))
+        gens = [self._generation(row, e.shape[0], max_new_tokens, stop) for e, row in zip(embs, out.tolist(), strict=True)]
+        if streamer is not None:
+            streamer.finish(gens)
+        return gens
 
     def generate(self, prompts: Sequence[dict[str, Any]], max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = 0, on_text: OnText | None = None,
+                 top_p: float = 1.0, seed: int | None = 0, on_text: OnTexts = None,
                  stop: Sequence[str] = ()) -> list[Generation]:
         # One prompt (chat, serving, the text check) takes the exact single-sequence path; greedy batches
         # are padded together (several times faster on CPU; numerics may differ in the last bits).
-        if on_text is not None and len(prompts) != 1:
-            raise ValueError("streaming (on_text) takes exactly one prompt")
-        if len(prompts) == 1 or temperature > 0 or self.batch_size <= 1:
-            return [self._one(p, max_new_tokens, temperature, top_p, seed, on_text, stop) for p in prompts]
+        on_texts = per_prompt(on_text, len(prompts))
+        if len(prompts) == 1:
+            return [self._one(prompts[0], max_new_tokens, temperature, top_p, seed, on_texts[0], stop)]
+        if temperature > 0 or self.batch_size <= 1:
+            return [self._one_of_many(p, max_new_tokens, temperature, top_p, seed, f, stop)
+                    for p, f in zip(prompts, on_texts, strict=True)]
         out: list[Generation] = []
         for s in range(0, len(prompts), self.batch_size):
-            out.extend(self._batch(prompts[s : s + self.batch_size], max_new_tokens, stop))
+            out.extend(self._batch(prompts[s : s + self.batch_size], max_new_tokens, stop, on_texts[s : s + self.batch_size]))
         return out
+
+    def _one_of_many(self, prompt: dict[str, Any], max_new_tokens: int, temperature: float, top_p: float,
+                     seed: int | None, on_text: OnText | None, stop: Sequence[str]) -> Generation:
+        """One prompt of several run one by one: a reader that leaves stops this answer, not the others."""
+        try:
+            return self._one(prompt, max_new_tokens, temperature, top_p, seed, on_text, stop)
+        except ClientGone as e:
+            return Generation("", 0, 0, "error", f"client_gone: {e}", "client_gone")
 
 
 @register_backend("vllm")
@@ -272,7 +346,7 @@ class VLLMBackend(Backend):
         self._lock = threading.Lock()
 
     def generate(self, prompts: Sequence[dict[str, Any]], max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = 0, on_text: OnText | None = None,
+                 top_p: float = 1.0, seed: int | None = 0, on_text: OnTexts = None,
                  stop: Sequence[str] = ()) -> list[Generation]:
         # The offline LLM returns whole answers: a streamed request gets its answer as one piece.
         from vllm import SamplingParams
@@ -291,8 +365,13 @@ class VLLMBackend(Backend):
             n_prompt = int(p["prompt_embeds"].shape[0]) if "prompt_embeds" in p else len(p["prompt_token_ids"])
             result.append(Generation(c.text, n_prompt, len(c.token_ids),
                                      "stop" if c.finish_reason == "stop" else "length"))
-        if on_text is not None and result and result[0].text:
-            on_text(result[0].text)
+        for f, gen in zip(per_prompt(on_text, len(prompts)), result, strict=True):
+            if f is not None and gen.text:
+                try:
+                    f(gen.text)
+                except ClientGone:
+                    if len(prompts) == 1:
+                        raise
         return result
 
     def close(self) -> None:
@@ -421,15 +500,16 @@ class ALMInference:
     # ------------------------------------------------------------------------------------------ answering
     def generate(self, requests: Sequence[tuple[AudioInput, str]], max_new_tokens: int = 256,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = 0, system: str | None = None,
-                 on_text: OnText | None = None, stop: Sequence[str] = ()) -> list[Generation]:
+                 on_text: OnTexts = None, stop: Sequence[str] = ()) -> list[Generation]:
         """Answer each (audio, question); an audio that cannot be decoded, or a prompt that with
         `max_new_tokens` exceeds the LLM's context, fails alone (finish 'error', with an error_code).
-        `on_text` (one request): the answer's text piece by piece as it is generated; `stop`: strings that
-        end an answer, left out of it (see `Backend`)."""
+        `on_text` (a callback for one request, or one per request): the answer's text piece by piece as it
+        is generated; `stop`: strings that end an answer, left out of it (see `Backend`)."""
         ok: list[dict[str, Any]] = []  # the prompts to generate from
+        ok_text: list[OnText | None] = []  # their streaming callbacks
         failed: list[Generation | None] = []  # per request: its failure, or None when its prompt is in `ok`
         with self._lock:
-            for audio, question in requests:
+            for (audio, question), callback in zip(requests, per_prompt(on_text, len(requests)), strict=True):
                 try:
                     loaded = self.load(audio)
                     feats = None if loaded is None else self.featurize(*loaded)
@@ -440,8 +520,10 @@ class ALMInference:
                     fail = self._check_length(prompt, max_new_tokens)
                     if fail is None:
                         ok.append(prompt)
+                        ok_text.append(callback)
                 failed.append(fail)
-            gens = iter(self.backend.generate(ok, max_new_tokens, temperature, top_p, seed, on_text, stop) if ok else [])
+            streamed = ok_text if any(ok_text) else None
+            gens = iter(self.backend.generate(ok, max_new_tokens, temperature, top_p, seed, streamed, stop) if ok else [])
         return [fail or next(gens) for fail in failed]
 
     @property

@@ -13,8 +13,10 @@ optionally after system (or developer) messages, which become the prompt's syste
 without one: the adapter has not seen it, the frozen LLM has).
 Without audio the ALM answers exactly as the frozen LLM. `stream: true` answers with server-sent
 `chat.completion.chunk` events as tokens are generated (`stream_options.include_usage` adds the usage
-chunk). `stop` (a string or up to 4) ends the answer where one appears, left out of the text. Concurrent non-streamed requests with the same sampling settings are answered in one engine
-call (`eval.serve.max_batch_size`, `batch_wait_ms`; `GET /stats` shows the batches a replica ran).
+chunk). `stop` (a string or up to 4) ends the answer where one appears, left out of the text.
+Concurrent requests with the same settings (max_tokens, stop, sampling, system message), streamed or not,
+are answered in one engine call (`eval.serve.max_batch_size`, `batch_wait_ms`; `GET /stats` shows the
+batches a replica ran).
 Limits (`eval.serve`): audio bytes (413) and seconds (400); audio that does not decode is a 400
 that says why. A bad request never takes the replica down. Binds 127.0.0.1 unless configured otherwise.
 """
@@ -28,7 +30,7 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -37,6 +39,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
+from ralm.eval.inference import ClientGone
 from ralm.serve.batching import Entry, MicroBatcher
 from ralm.serve.openai_format import DONE, ChunkStream, completion, error_object
 
@@ -226,21 +229,17 @@ def _request_failure(gen: Any) -> tuple[int, str, str, str]:
     return 400, f"input_audio could not be used: {gen.error}", "invalid_audio", "input_audio"
 
 
-class ClientGone(Exception):
-    """The client went away (a stream closed, a request cancelled): its generation stops at the next token."""
-
-
 class AnswerStream:
-    """One streamed answer: `generate(on_text)` runs in a thread (returning `[Generation]`) from creation
-    on. `await refused()` waits for the first piece of text or the end and returns the Generation when the
+    """One streamed answer: `answer(on_text)` (awaitable: the replica's batcher) runs from creation on and
+    hands the text to `on_text` as it comes. `await refused()` waits for the first piece of text or the end and returns the Generation when the
     engine refused the request before any text (the handler answers with an HTTP error, not a stream);
     `events()` are the server-sent events as OpenAI streams them: a role chunk, content chunks as the
     tokens come, a finish chunk, the usage chunk if asked for, `[DONE]`; a failure mid-stream is an
     `error` event. A client that goes away (`events()` closed, or the `refused()` await cancelled, as Serve
-    does when an HTTP client disconnects) stops the generation at its next token instead of letting it run
-    to max_tokens while the next requests wait for the replica."""
+    does when an HTTP client disconnects) leaves the batcher's queue, or stops its generation at the next
+    token (in a batch: stops being streamed), instead of running to max_tokens for nobody."""
 
-    def __init__(self, generate: Callable[[Callable[[str], None]], list[Any]], model_name: str,
+    def __init__(self, answer: Callable[[Callable[[str], None]], Awaitable[Any]], model_name: str,
                  include_usage: bool = False) -> None:
         self.out = ChunkStream(model_name)
         self.include_usage = include_usage
@@ -248,7 +247,7 @@ class AnswerStream:
         self._pieces: asyncio.Queue[str] = asyncio.Queue()
         self._first: str | None = None
         self._gone = threading.Event()
-        self._task = asyncio.ensure_future(asyncio.to_thread(generate, self._on_text))
+        self._task = asyncio.ensure_future(answer(self._on_text))
 
     def _on_text(self, text: str) -> None:  # the generation thread
         if self._gone.is_set():
@@ -260,6 +259,7 @@ class AnswerStream:
         if not self._task.done():
             self._gone.set()
             self._task.add_done_callback(lambda t: t.cancelled() or t.exception())  # its ClientGone is expected
+            self._task.cancel()
 
     async def _next_piece(self) -> str | None:
         """The next piece of text, or None once the generation has ended and every piece is out."""
@@ -279,7 +279,7 @@ class AnswerStream:
             self._stop()
             raise
         if self._first is None and self._task.exception() is None:
-            gen = self._task.result()[0]
+            gen = self._task.result()
             return gen if gen.finish_reason == "error" else None
         return None
 
@@ -292,7 +292,7 @@ class AnswerStream:
                 yield out.delta({"content": piece})
                 piece = await self._next_piece()
             try:
-                gen = self._task.result()[0]
+                gen = self._task.result()
             except Exception as e:
                 log.exception("ALM generation failed mid-stream")
                 yield out.error(f"generation failed: {type(e).__name__}: {e}", "engine_error")
@@ -309,7 +309,7 @@ class AnswerStream:
             self._stop()  # when closed mid-answer
 
 
-BatchItem = tuple[ParsedRequest, Any]  # a request and its decoded audio (or None)
+BatchItem = tuple[ParsedRequest, Any, Any]  # a request, its decoded audio (or None), its on_text (streamed) or None
 
 
 def batch_key(item: BatchItem) -> tuple:
@@ -321,19 +321,21 @@ def batch_key(item: BatchItem) -> tuple:
 
 
 def answer_batch(engine: Any, entries: Sequence[Entry[BatchItem]]) -> list[Any]:
-    """One engine call for a batch of non-streamed requests (same `batch_key`). A batch of one keeps the
-    token-by-token path, so a client that leaves stops its generation at the next token."""
+    """One engine call for a batch of requests with the same `batch_key`, streamed ones token by token.
+    A non-streamed request alone is watched token by token too, so a client that leaves stops it."""
     req = entries[0].item[0]
-    on_text = None
-    if len(entries) == 1:
+    callbacks = [on_text for _, _, on_text in (e.item for e in entries)]
+    if len(entries) == 1 and callbacks[0] is None:
         gone = entries[0].gone
 
-        def on_text(_: str) -> None:
+        def stop_when_gone(_: str) -> None:
             if gone.is_set():
                 raise ClientGone("the client went away")
 
-    return engine.generate([(audio, r.question) for r, audio in (e.item for e in entries)], req.max_tokens,
-                           req.temperature, req.top_p, req.seed, system=req.system, on_text=on_text, stop=req.stop)
+        callbacks = [stop_when_gone]
+    return engine.generate([(audio, r.question) for r, audio, _ in (e.item for e in entries)], req.max_tokens,
+                           req.temperature, req.top_p, req.seed, system=req.system,
+                           on_text=callbacks if any(callbacks) else None, stop=req.stop)
 
 
 @serve.deployment(name="ALMServer")
@@ -386,24 +388,20 @@ class ALMServer:
         except RequestError as e:
             return _error(e.status, e.message, e.code, e.param)
         if req.stream:
-            stream = AnswerStream(lambda on_text: self._generate(req, audio, on_text), self.model_name,
+            stream = AnswerStream(lambda on_text: self.batcher.submit((req, audio, on_text)), self.model_name,
                                   req.include_usage)
             refused = await stream.refused()
             if refused is not None:  # before any text: a plain HTTP error, as without streaming
                 return _error(*_request_failure(refused))
             return StreamingResponse(stream.events(), media_type="text/event-stream")
         try:
-            gen = await self.batcher.submit((req, audio))
+            gen = await self.batcher.submit((req, audio, None))
         except Exception as e:  # the replica keeps serving; the client learns what failed
             log.exception("ALM generation failed")
             return _error(500, f"generation failed: {type(e).__name__}: {e}", "engine_error")
         if gen.finish_reason == "error":
             return _error(*_request_failure(gen))
         return completion(self.model_name, [(gen.text, gen.finish_reason)], gen.prompt_tokens, gen.completion_tokens)
-
-    def _generate(self, req: ParsedRequest, audio: Any, on_text: Any) -> list[Any]:
-        return self.engine.generate([(audio, req.question)], req.max_tokens, req.temperature, req.top_p, req.seed,
-                                    system=req.system, on_text=on_text, stop=req.stop)
 
 
 # ---------------------------------------------------------------------------------------------- start / stop

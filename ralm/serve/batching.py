@@ -102,6 +102,7 @@ class MicroBatcher(Generic[T, R]):
         replica send their next requests as their answers arrive, a few ms apart, and would otherwise
         split into a big batch and a small one. A lone request on a quiet replica does not wait."""
         assert self._wake is not None
+        await asyncio.sleep(0)  # one turn of the loop: requests already on their way join
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.wait_s
         while sum(e.key == key for e in self._queue) < min(self._last, self.max_batch):

@@ -90,22 +90,24 @@ def test_serve_openai_client(ray_local, tiny_export, tmp_path):
         assert chunks[-1].usage.completion_tokens == 6 and chunks[-1].usage.prompt_tokens == ok.usage.prompt_tokens
         assert len({c.id for c in chunks}) == 1
 
-        # Concurrent clients: answered in shared engine calls (the replica's /stats counts them), each
-        # with the answer it gets alone.
+        # Concurrent clients, streaming or not: answered in shared engine calls (the replica's /stats
+        # counts them), each with the answer it gets alone.
         import urllib.request
         from concurrent.futures import ThreadPoolExecutor
 
-        def ask(freq: float) -> str:
+        def ask(freq: float, stream: bool = False) -> str:
             r = client.chat.completions.create(model=svc.model, messages=_audio_msg(_wav_bytes(1.0, freq=freq)),
-                                               max_tokens=6)
+                                               max_tokens=6, stream=stream)
+            if stream:
+                return "".join(c.choices[0].delta.content or "" for c in r if c.choices)
             return r.choices[0].message.content
 
         freqs = [220.0, 330.0, 440.0, 660.0, 880.0, 1320.0]
         alone = [ask(f) for f in freqs]
         stats_url = svc.url[: -len("/v1")] + "/stats"
         before = json.loads(urllib.request.urlopen(stats_url, timeout=30).read())
-        with ThreadPoolExecutor(len(freqs)) as pool:
-            together = list(pool.map(ask, freqs))
+        with ThreadPoolExecutor(len(freqs)) as pool:  # every other client streams
+            together = list(pool.map(ask, freqs, [i % 2 == 1 for i in range(len(freqs))]))
         after = json.loads(urllib.request.urlopen(stats_url, timeout=30).read())
         assert together == alone and len(set(alone)) > 1
         assert after["requests"] - before["requests"] == len(freqs)

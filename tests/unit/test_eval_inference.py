@@ -108,61 +108,6 @@ def _sse(event: str) -> dict:
     return json.loads(event[len("data: "):])
 
 
-def test_answer_stream_sends_openai_chunks_and_a_closed_stream_stops_its_generation(engine):
-    import asyncio
-    import threading
-
-    from ralm.serve.alm_app import AnswerStream, ClientGone
-
-    whole = engine.generate([(None, "Tell me a story.")], 12)[0]
-    ended: dict[str, object] = {}
-    finished = threading.Event()
-
-    def generate(on_text, max_new_tokens=12, question="Tell me a story."):
-        try:
-            return engine.generate([(None, question)], max_new_tokens, on_text=on_text)
-        except ClientGone as e:
-            ended["stopped"] = e
-            raise
-        finally:
-            finished.set()
-
-    async def whole_stream() -> list[str]:
-        stream = AnswerStream(generate, "m", include_usage=True)
-        assert await stream.refused() is None
-        return [e async for e in stream.events()]
-
-    events = asyncio.run(whole_stream())
-    assert events[-1] == "data: [DONE]\n\n"
-    chunks = [_sse(e) for e in events[:-1]]
-    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == whole.text
-    assert chunks[-2]["choices"][0]["finish_reason"] == whole.finish_reason
-    assert chunks[-1]["usage"]["completion_tokens"] == whole.completion_tokens and chunks[-1]["choices"] == []
-
-    # A prompt over the LLM's context is refused before any text: the handler can still answer a plain 400.
-    async def too_long():
-        return await AnswerStream(lambda on_text: generate(on_text, 8, "word " * 3000), "m").refused()
-
-    refused = asyncio.run(too_long())
-    assert refused.error_code == "context_length_exceeded" and str(engine.max_context) in refused.error
-
-    # A client that reads two pieces and hangs up: the 400-token generation stops, it does not run on.
-    finished.clear()
-
-    async def hang_up() -> None:
-        stream = AnswerStream(lambda on_text: generate(on_text, 400), "m")
-        await stream.refused()
-        events = stream.events()
-        for _ in range(3):  # the role chunk and two pieces
-            await events.__anext__()
-        await events.aclose()
-
-    asyncio.run(hang_up())
-    assert finished.wait(120)
-    assert isinstance(ended.get("stopped"), ClientGone)
-
-
 def _request(question: str, max_tokens: int, **kw):
     from ralm.serve.alm_app import ParsedRequest
 
@@ -170,32 +115,103 @@ def _request(question: str, max_tokens: int, **kw):
                          temperature=kw.pop("temperature", 0.0), top_p=1.0, seed=0, **kw)
 
 
+class Replica:
+    """The serving path of one replica without Serve: a MicroBatcher over `answer_batch`, recording each
+    batch's size and how each engine call ended (a ClientGone, or normally)."""
+
+    def __init__(self, engine, max_batch: int = 8, wait_s: float = 0.0):
+        import threading
+
+        from ralm.serve.alm_app import answer_batch, batch_key
+        from ralm.serve.batching import MicroBatcher
+
+        self.calls: list[int] = []
+        self.ended: list[BaseException | None] = []
+        self.started, self.finished = threading.Event(), threading.Event()
+
+        def run(entries):
+            self.calls.append(len(entries))
+            self.started.set()
+            try:
+                out = answer_batch(engine, entries)
+            except BaseException as e:
+                self.ended.append(e)
+                raise
+            finally:
+                self.finished.set()
+            self.ended.append(None)
+            return out
+
+        self.batcher = MicroBatcher(run, batch_key, max_batch=max_batch, wait_s=wait_s)
+
+    def stream(self, req, audio=None, include_usage: bool = False):
+        from ralm.serve.alm_app import AnswerStream
+
+        return AnswerStream(lambda on_text: self.batcher.submit((req, audio, on_text)), "m", include_usage)
+
+    async def answer(self, req, audio=None):
+        return await self.batcher.submit((req, audio, None))
+
+
+def _sse_text(events: list[str]) -> str:
+    return "".join(c["choices"][0]["delta"].get("content", "") for c in map(_sse, events[:-1]) if c["choices"])
+
+
+def test_answer_stream_sends_openai_chunks_and_a_closed_stream_stops_its_generation(engine):
+    import asyncio
+
+    from ralm.serve.alm_app import ClientGone
+
+    whole = engine.generate([(None, "Tell me a story.")], 12)[0]
+
+    async def whole_stream() -> list[str]:
+        stream = Replica(engine).stream(_request("Tell me a story.", 12), include_usage=True)
+        assert await stream.refused() is None
+        return [e async for e in stream.events()]
+
+    events = asyncio.run(whole_stream())
+    assert events[-1] == "data: [DONE]\n\n"
+    chunks = [_sse(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert _sse_text(events) == whole.text
+    assert chunks[-2]["choices"][0]["finish_reason"] == whole.finish_reason
+    assert chunks[-1]["usage"]["completion_tokens"] == whole.completion_tokens and chunks[-1]["choices"] == []
+
+    # A prompt over the LLM's context is refused before any text: the handler can still answer a plain 400.
+    async def too_long():
+        return await Replica(engine).stream(_request("word " * 3000, 8)).refused()
+
+    refused = asyncio.run(too_long())
+    assert refused.error_code == "context_length_exceeded" and str(engine.max_context) in refused.error
+
+    # A client that reads two pieces and hangs up: the 400-token generation stops, it does not run on.
+    replica = Replica(engine)
+
+    async def hang_up() -> None:
+        stream = replica.stream(_request("Tell me a story.", 400))
+        await stream.refused()
+        events = stream.events()
+        for _ in range(3):  # the role chunk and two pieces
+            await events.__anext__()
+        await events.aclose()
+
+    asyncio.run(hang_up())
+    assert replica.finished.wait(120)
+    assert isinstance(replica.ended[0], ClientGone)
+
+
 def test_a_cancelled_request_stops_its_generation(engine):
     """Serve cancels a request whose HTTP client disconnected: a non-streamed answer stops at its next
     token instead of holding the replica (and the requests queued behind it) until max_tokens."""
     import asyncio
-    import threading
-    from functools import partial
 
-    from ralm.serve.alm_app import ClientGone, answer_batch, batch_key
-    from ralm.serve.batching import MicroBatcher
+    from ralm.serve.alm_app import ClientGone
 
-    started, finished, ended = threading.Event(), threading.Event(), {}
-
-    def run(entries):
-        try:
-            started.set()
-            return answer_batch(engine, entries)
-        except ClientGone as e:
-            ended["stopped"] = e
-            raise
-        finally:
-            finished.set()
+    replica = Replica(engine)
 
     async def request_then_disconnect() -> None:
-        batcher = MicroBatcher(run, batch_key, max_batch=8, wait_s=0)
-        waiting = asyncio.ensure_future(batcher.submit((_request("Tell me a story.", 400), None)))
-        while not started.is_set():
+        waiting = asyncio.ensure_future(replica.answer(_request("Tell me a story.", 400)))
+        while not replica.started.is_set():
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.2)  # a few tokens in
         waiting.cancel()
@@ -203,22 +219,16 @@ def test_a_cancelled_request_stops_its_generation(engine):
             await waiting
 
     asyncio.run(request_then_disconnect())
-    assert finished.wait(120) and isinstance(ended.get("stopped"), ClientGone)
-
-    async def complete() -> object:  # left alone, the same request runs to its end
-        return await MicroBatcher(partial(answer_batch, engine), batch_key).submit((_request("q", 5), None))
-
-    assert asyncio.run(complete()) == engine.generate([(None, "q")], 5)[0]
+    assert replica.finished.wait(120) and isinstance(replica.ended[0], ClientGone)
+    # left alone, the same request runs to its end
+    assert asyncio.run(Replica(engine).answer(_request("q", 5))) == engine.generate([(None, "q")], 5)[0]
 
 
 def test_concurrent_requests_are_answered_in_one_engine_call(engine, write_wav):
-    """Requests sent together with the same settings share one batched generate; each gets the answer
-    it gets alone. Other settings (a system turn, max_tokens, sampling) go in batches of their own."""
+    """Requests sent together with the same settings share one batched generate, streamed or not; each
+    gets the answer it gets alone. Other settings (a system turn, max_tokens, sampling) go in batches of
+    their own."""
     import asyncio
-    from functools import partial
-
-    from ralm.serve.alm_app import answer_batch, batch_key
-    from ralm.serve.batching import MicroBatcher
 
     clips = [engine.load(str(write_wav(f"t{f}.wav", seconds=1.0, freq=f))) for f in (220, 440, 880)]
     items = [(_request("What do you hear?", 8), clips[0]), (_request("Describe it.", 8), clips[1]),
@@ -228,22 +238,55 @@ def test_concurrent_requests_are_answered_in_one_engine_call(engine, write_wav):
              (_request("What do you hear?", 8, temperature=0.8), clips[1])]
     alone = [engine.generate([(audio, r.question)], r.max_tokens, r.temperature, r.top_p, r.seed,
                              system=r.system)[0] for r, audio in items]
-    calls: list[int] = []
+    replica = Replica(engine, wait_s=0.05)
 
-    def run(entries):
-        calls.append(len(entries))
-        return answer_batch(engine, entries)
+    async def streamed(req, audio) -> str:
+        stream = replica.stream(req, audio)
+        assert await stream.refused() is None
+        return _sse_text([e async for e in stream.events()])
 
     async def together():
-        batcher = MicroBatcher(run, batch_key, max_batch=8, wait_s=0.05)
-        return await asyncio.gather(*(batcher.submit(i) for i in items))
+        # the 2nd and 4th stream, the others do not: streaming does not keep a request out of a batch
+        return await asyncio.gather(*(streamed(*item) if i in (1, 3) else replica.answer(*item)
+                                      for i, item in enumerate(items)))
 
     answers = asyncio.run(together())
-    assert calls == [4, 1, 1, 1]  # the four plain greedy 8-token requests together, the rest alone
-    assert [a.text for a in answers] == [a.text for a in alone]
-    assert [a.completion_tokens for a in answers] == [a.completion_tokens for a in alone]
-    assert len({a.text for a in answers[:4]}) > 1  # different prompts, different answers: not one copied
-    assert asyncio.run(MicroBatcher(partial(answer_batch, engine), batch_key).submit(items[0])) == alone[0]
+    assert replica.calls == [4, 1, 1, 1]  # the four plain greedy 8-token requests together, the rest alone
+    texts = [a if isinstance(a, str) else a.text for a in answers]
+    assert texts == [a.text for a in alone]
+    assert [a.completion_tokens for i, a in enumerate(answers) if i not in (1, 3)] == \
+        [a.completion_tokens for i, a in enumerate(alone) if i not in (1, 3)]
+    assert len(set(texts[:4])) > 1  # different prompts, different answers: not one copied
+
+
+def test_a_streamed_client_that_leaves_a_batch_does_not_stop_the_others(engine, write_wav):
+    import asyncio
+
+    clip = engine.load(str(write_wav("tone.wav", seconds=1.0, freq=440)))
+    alone = engine.generate([(clip, "What do you hear?"), (None, "Tell me a story.")], 40)
+    replica = Replica(engine, wait_s=0.05)
+
+    async def leave_early() -> int:
+        stream = replica.stream(_request("Tell me a story.", 40), None)
+        await stream.refused()
+        events = stream.events()
+        for _ in range(3):
+            await events.__anext__()
+        await events.aclose()
+        return 2
+
+    async def stay(req, audio) -> str:
+        stream = replica.stream(req, audio)
+        await stream.refused()
+        return _sse_text([e async for e in stream.events()])
+
+    async def together():
+        return await asyncio.gather(stay(_request("What do you hear?", 40), clip), leave_early(),
+                                    replica.answer(_request("Tell me a story.", 40)))
+
+    stayed, _, answered = asyncio.run(together())
+    assert replica.calls == [3] and replica.ended == [None]  # one batch, which ran to its end
+    assert stayed == alone[0].text and answered.text == alone[1].text
 
 
 def test_a_prompt_over_the_context_fails_alone(engine, write_wav):
