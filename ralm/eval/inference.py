@@ -114,7 +114,8 @@ class Backend:
     """Generates from a list of prompt embeddings (or token ids for text-only prompts). With `on_text`
     (a callback for one prompt, or one per prompt) an answer's text is also handed over piece by piece as
     it is generated; the pieces join to the returned text. A callback that raises `ClientGone` stops its
-    answer's generation when it is alone, and only its streaming in a batch. `stop`: strings that end an answer (OpenAI's `stop`), left out of its text."""
+    answer's generation when it is alone, and only its streaming in a batch. `stop`: strings that end an
+    answer (OpenAI's `stop`), left out of its text."""
 
     def generate(self, prompts: Sequence[dict[str, Any]], max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = 0, on_text: OnTexts = None,

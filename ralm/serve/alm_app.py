@@ -231,8 +231,9 @@ def _request_failure(gen: Any) -> tuple[int, str, str, str]:
 
 class AnswerStream:
     """One streamed answer: `answer(on_text)` (awaitable: the replica's batcher) runs from creation on and
-    hands the text to `on_text` as it comes. `await refused()` waits for the first piece of text or the end and returns the Generation when the
-    engine refused the request before any text (the handler answers with an HTTP error, not a stream);
+    hands the text to `on_text` as it comes. `await refused()` waits for the first piece of text or the
+    end and returns the Generation when the engine refused the request before any text (the handler
+    answers with an HTTP error, not a stream);
     `events()` are the server-sent events as OpenAI streams them: a role chunk, content chunks as the
     tokens come, a finish chunk, the usage chunk if asked for, `[DONE]`; a failure mid-stream is an
     `error` event. A client that goes away (`events()` closed, or the `refused()` await cancelled, as Serve

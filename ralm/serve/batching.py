@@ -125,6 +125,8 @@ class MicroBatcher(Generic[T, R]):
             if len(batch) == 1:
                 _settle(batch[0], error=e)
                 return
+            if all(entry.gone.is_set() for entry in batch):  # stopped because every caller left
+                return
             log.warning("a batch of %d failed (%s: %s); running its requests one by one", len(batch),
                         type(e).__name__, e)
             for entry in batch:  # one bad request must not fail the others
