@@ -42,7 +42,7 @@ class MicroBatcher(Generic[T, R]):
     """`await submit(item)` -> `run([entries])[i]` for that item; see the module docstring."""
 
     def __init__(self, run: Callable[[Sequence[Entry[T]]], Sequence[R]], key: Callable[[T], Hashable],
-                 max_batch: int = 8, wait_s: float = 0.005) -> None:
+                 max_batch: int = 8, wait_s: float = 0.05) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.run, self.key, self.max_batch, self.wait_s = run, key, max_batch, max(0.0, wait_s)
