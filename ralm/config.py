@@ -297,6 +297,13 @@ class AlmServeConfig(Section):
     batch_wait_ms: float = Field(50.0, ge=0, description="How long a batch waits for requests to join it when "
                                  "fewer are queued than the last batch held (a quiet replica never waits)")
 
+    @model_validator(mode="after")
+    def _batch_fits(self) -> AlmServeConfig:
+        if self.max_batch_size > self.max_ongoing_requests:
+            raise ValueError(f"max_batch_size ({self.max_batch_size}) > max_ongoing_requests "
+                             f"({self.max_ongoing_requests}): a replica is never sent that many requests at once")
+        return self
+
 
 class EvalConfig(Section):
     benchmark: str = Field("demo", description="Registered benchmark: demo, mmau, mmsu, mmar")

@@ -74,6 +74,14 @@ def test_autoscaling_bounds_checked():
         validate({"llm": {"serve": {"autoscaling": {"min_replicas": 3, "max_replicas": 1}}}})
 
 
+def test_alm_batches_fit_what_a_replica_is_sent():
+    with pytest.raises(ConfigError, match=r"max_batch_size \(16\) > max_ongoing_requests \(8\)"):
+        validate({"eval": {"serve": {"max_batch_size": 16, "max_ongoing_requests": 8}}})
+    assert validate({"eval": {"serve": {"max_batch_size": 16, "max_ongoing_requests": 16}}}).eval.serve.max_batch_size == 16
+    paper = load_config("alarm-4b").eval.serve
+    assert paper.max_batch_size <= paper.max_ongoing_requests
+
+
 def test_llm_client_capacity_is_what_the_replicas_take():
     from ralm.llm.client import capacity_gate, deployment_capacity
 
