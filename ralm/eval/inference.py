@@ -30,7 +30,7 @@ import torch
 
 from ralm.audio.io import AudioError, resample
 from ralm.config import EncoderSpec
-from ralm.llm.engines import cut_at_eos
+from ralm.llm.engines import cut_at_eos, cut_at_stop
 
 AudioInput = str | tuple[np.ndarray, int] | None
 DEFAULT_GLUE = "This is what you hear, pass {i} of {n}:"
@@ -102,12 +102,6 @@ def per_prompt(on_text: OnTexts, n: int) -> list[OnText | None]:
     if len(on_text) != n:
         raise ValueError(f"{len(on_text)} on_text callbacks for {n} prompts")
     return list(on_text)
-
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> str | None:
-    """`text` up to the first occurrence of any stop string (excluded), or None when none occurs."""
-    hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
-    return text[: min(hits)] if hits else None
 
 
 class Backend:

@@ -6,6 +6,7 @@
     stop_llm_service(cfg)                 # deletes the app (and Serve with shutdown=True)
 
 `stream: true` is answered as OpenAI's server-sent chunks, each answer in one chunk once it is complete.
+`stop` (a string or up to 4) cuts each answer at the first stop string.
 
 Replicas: fixed `serve.num_replicas` or `serve.autoscaling` (min/max replicas, target ongoing requests);
 `num_cpus`/`num_gpus` per replica. A replica awaits each request on its own (`engine.achat_requests`): the
@@ -27,8 +28,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from ralm.llm.engines import ChatRequest, Completion, Sampling
-from ralm.serve.openai_format import ChunkStream, completion, error_object
+from ralm.llm.engines import ChatRequest, Completion, Sampling, cut_at_stop
+from ralm.serve.openai_format import ChunkStream, completion, error_object, stop_strings
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,13 @@ def _text(content: Any) -> str:
     if isinstance(content, list):
         return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
     return "" if content is None else str(content)
+
+
+def _stopped(text: str, finish_reason: str, stop: tuple[str, ...]) -> tuple[str, str]:
+    """An answer cut at the first stop string (OpenAI's `stop`, applied to the whole generated text, as
+    vLLM does: for a reasoning model, the thinking included)."""
+    cut = cut_at_stop(text, stop)
+    return (text, finish_reason) if cut is None else (cut, "stop")
 
 
 def _openai_error(status: int, message: str, code: str, kind: str = "invalid_request_error") -> JSONResponse:
@@ -113,6 +121,7 @@ class LLMServer:
             n = int(body.get("n") or 1)
             if n < 1 or sampling.max_new_tokens < 1:
                 raise ValueError("n and max_tokens must be >= 1")
+            stop = stop_strings(body.get("stop"))
         except (KeyError, TypeError, ValueError) as e:
             return _openai_error(400, f"malformed request: {e}", "invalid_request")
         comps = await self._answer(ChatRequest(messages, sampling, n))
@@ -122,7 +131,7 @@ class LLMServer:
             status = 400 if code in ("prompt_too_long", "bad_request") else 500
             return _openai_error(status, bad.error or code, "context_length_exceeded" if code == "prompt_too_long"
                                  else code, "invalid_request_error" if status == 400 else "server_error")
-        answers = [(c.text, c.finish_reason) for c in comps]
+        answers = [_stopped(c.text, c.finish_reason, stop) for c in comps]
         tokens = (comps[0].prompt_tokens, sum(c.completion_tokens for c in comps))
         if stream:  # the step loop returns whole answers: each streams as one chunk
             return StreamingResponse(ChunkStream(self.served_name).whole(answers, include_usage, *tokens),

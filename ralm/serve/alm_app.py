@@ -41,7 +41,7 @@ from ray import serve
 
 from ralm.eval.inference import ClientGone
 from ralm.serve.batching import Entry, MicroBatcher
-from ralm.serve.openai_format import DONE, ChunkStream, completion, error_object
+from ralm.serve.openai_format import DONE, ChunkStream, completion, error_object, stop_strings
 
 log = logging.getLogger(__name__)
 
@@ -149,11 +149,10 @@ def parse_request(body: Any, max_audio_bytes: int, max_new_tokens: int) -> Parse
 
 
 def _stop_strings(stop: Any) -> tuple[str, ...]:
-    """OpenAI's `stop`: a string or up to 4 strings."""
-    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else [] if stop is None else None
-    if stops is None or len(stops) > 4 or not all(isinstance(x, str) for x in stops):
-        raise RequestError(400, "stop must be a string or a list of up to 4 strings", "invalid_request", "stop")
-    return tuple(dict.fromkeys(x for x in stops if x))
+    try:
+        return stop_strings(stop)
+    except ValueError as e:
+        raise RequestError(400, str(e), "invalid_request", "stop") from None
 
 
 _MIME_FORMATS = {"wav": "wav", "x-wav": "wav", "wave": "wav", "vnd.wave": "wav", "mpeg": "mp3", "mp3": "mp3",

@@ -13,6 +13,14 @@ from typing import Any
 DONE = "data: [DONE]\n\n"
 
 
+def stop_strings(stop: Any) -> tuple[str, ...]:
+    """A request's `stop`: a string or up to 4 strings (ValueError otherwise); empty ones dropped."""
+    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else [] if stop is None else None
+    if stops is None or len(stops) > 4 or not all(isinstance(x, str) for x in stops):
+        raise ValueError("stop must be a string or a list of up to 4 strings")
+    return tuple(dict.fromkeys(x for x in stops if x))
+
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}

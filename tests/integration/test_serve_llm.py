@@ -94,6 +94,23 @@ def test_openai_client_over_http(service, llm_cfg):
     assert chunks[-1].usage.prompt_tokens == again.usage.prompt_tokens
     assert chunks[-1].usage.completion_tokens == 2 * again.usage.completion_tokens
 
+    # OpenAI's stop: each answer cut at the first stop string, which is left out (this tiny LLM answers
+    # "Hi" with newlines only, so a stop string of its last characters leaves text before it).
+    longer = client.chat.completions.create(model="llm-test", messages=[{"role": "user", "content": "Hi"}],
+                                            max_tokens=12, temperature=0).choices[0]
+    text = longer.message.content
+    assert longer.finish_reason == "length" and len(text) > 3
+    stop = text[-2:] + "<never>"  # never met: the answer is unchanged
+    same = client.chat.completions.create(model="llm-test", messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=12, temperature=0, stop=stop).choices[0]
+    assert (same.message.content, same.finish_reason) == (text, "length")
+    cut = client.chat.completions.create(model="llm-test", messages=[{"role": "user", "content": "Hi"}],
+                                         max_tokens=12, temperature=0, stop=["<never>", text[1:3]]).choices[0]
+    assert (cut.message.content, cut.finish_reason) == (text[: text.index(text[1:3])], "stop")
+    with pytest.raises(openai.BadRequestError, match="up to 4 strings"):
+        client.chat.completions.create(model="llm-test", messages=[{"role": "user", "content": "Hi"}],
+                                       max_tokens=3, stop=list("abcde"))
+
 
 def test_client_rows_errors_and_nll(service, llm_cfg):
     from ralm.llm.client import complete_rows, score_nll

@@ -84,7 +84,8 @@ def test_stop_strings_end_the_answer_streamed_batched_or_not(engine, write_wav):
 
 
 def test_the_streamer_holds_back_what_may_start_a_stop_string():
-    from ralm.eval.inference import TextStreamer, cut_at_stop
+    from ralm.eval.inference import TextStreamer
+    from ralm.llm.engines import cut_at_stop
 
     sent: list[str] = []
     s = TextStreamer(None, [], sent.append, stop=["</ans>", "STOP"])

@@ -315,6 +315,12 @@ def cut_at_eos(tokens: Sequence[int], eos_ids: Any) -> tuple[list[int], str]:
     return out, "length"
 
 
+def cut_at_stop(text: str, stop: Sequence[str]) -> str | None:
+    """`text` up to the first occurrence of any stop string (excluded), or None when none occurs."""
+    hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return text[: min(hits)] if hits else None
+
+
 def register(name: str) -> Callable[[type[Engine]], type[Engine]]:
     def deco(cls: type[Engine]) -> type[Engine]:
         cls.name = name
