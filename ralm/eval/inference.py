@@ -30,7 +30,7 @@ import torch
 
 from ralm.audio.io import AudioError, resample
 from ralm.config import EncoderSpec
-from ralm.llm.engines import cut_at_eos, cut_at_stop
+from ralm.llm.engines import StreamedText, cut_at_eos, cut_at_stop
 
 AudioInput = str | tuple[np.ndarray, int] | None
 DEFAULT_GLUE = "This is what you hear, pass {i} of {n}:"
@@ -139,9 +139,8 @@ class TextStreamer:
 
     def __init__(self, tokenizer: Any, eos_ids: Sequence[int], on_text: OnText, stop: Sequence[str] = ()):
         self.tok, self.eos, self.on_text = tokenizer, set(eos_ids), on_text
-        self.stop = [s for s in stop if s]
+        self.text = StreamedText(stop)
         self.ids: list[int] = []
-        self.sent = ""
         self.prompt_seen = False
         self.stopped = False
 
@@ -162,16 +161,9 @@ class TextStreamer:
             self.emit(text)
 
     def emit(self, text: str, final: bool = False) -> None:
-        if self.stop:
-            cut = cut_at_stop(text, self.stop)
-            if cut is not None:
-                text = cut
-            elif not final:  # hold back a tail that a stop string may start with
-                held = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-                text = text[: len(text) - held]
-        if text.startswith(self.sent) and len(text) > len(self.sent):
-            self.on_text(text[len(self.sent):])
-            self.sent = text
+        piece = self.text.advance(text, final)
+        if piece:
+            self.on_text(piece)
 
     def end(self) -> None:
         pass

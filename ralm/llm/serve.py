@@ -5,8 +5,9 @@
     svc.handle.chat.remote({"messages": [...], "sampling": {...}, "n": 1})   # in-cluster callers -> list[dict]
     stop_llm_service(cfg)                 # deletes the app (and Serve with shutdown=True)
 
-`stream: true` is answered as OpenAI's server-sent chunks, each answer in one chunk once it is complete.
-`stop` (a string or up to 4) cuts each answer at the first stop string.
+`stream: true` is answered as OpenAI's server-sent chunks, token by token as the engine generates them
+(vLLM; the transformers fallback sends each answer in one chunk once it is complete). `stop` (a string or
+up to 4) cuts each answer at the first stop string; while streaming, text that may start one is held back.
 
 Replicas: fixed `serve.num_replicas` or `serve.autoscaling` (min/max replicas, target ongoing requests);
 `num_cpus`/`num_gpus` per replica. A replica awaits each request on its own (`engine.achat_requests`): the
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,8 +30,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from ralm.llm.engines import ChatRequest, Completion, Sampling, cut_at_stop
-from ralm.serve.openai_format import ChunkStream, completion, error_object, stop_strings
+from ralm.llm.engines import ChatRequest, Completion, OnProgress, Sampling, StreamedText, cut_at_stop
+from ralm.serve.openai_format import DONE, ChunkStream, completion, error_object, stop_strings
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,22 @@ def _openai_error(status: int, message: str, code: str, kind: str = "invalid_req
     return JSONResponse(status_code=status, content=error_object(message, code, kind))
 
 
+def _failure(comps: list[Completion]) -> JSONResponse | None:
+    """The HTTP error for a request whose answers failed (None: they did not)."""
+    bad = next((c for c in comps if not c.ok), None)
+    if bad is None:
+        return None
+    code = bad.reason or "engine_error"
+    status = 400 if code in ("prompt_too_long", "bad_request") else 500
+    return _openai_error(status, bad.error or code, "context_length_exceeded" if code == "prompt_too_long" else code,
+                         "invalid_request_error" if status == 400 else "server_error")
+
+
+def _tokens(comps: list[Completion]) -> tuple[int, int]:
+    """(prompt tokens, completion tokens over every choice)."""
+    return comps[0].prompt_tokens, sum(c.completion_tokens for c in comps)
+
+
 @serve.deployment(name="LLMServer")
 @serve.ingress(api)
 class LLMServer:
@@ -69,10 +87,10 @@ class LLMServer:
         self.served_name = served_name
         self.engine = build_engine(self.cfg)
 
-    async def _answer(self, req: ChatRequest) -> list[Completion]:
+    async def _answer(self, req: ChatRequest, on_text: OnProgress | None = None) -> list[Completion]:
         """One request, awaited alone: the engine batches concurrent ones (vLLM: continuous batching)."""
         try:
-            return (await self.engine.achat_requests([req]))[0]
+            return (await self.engine.achat_requests([req], on_text))[0]
         except Exception as e:  # noqa: BLE001 - engines report per-request errors; this is a last resort
             log.warning("engine call failed: %s", e)
             return [Completion.failed(f"engine_error: {type(e).__name__}: {e}") for _ in range(req.n)]
@@ -124,19 +142,88 @@ class LLMServer:
             stop = stop_strings(body.get("stop"))
         except (KeyError, TypeError, ValueError) as e:
             return _openai_error(400, f"malformed request: {e}", "invalid_request")
-        comps = await self._answer(ChatRequest(messages, sampling, n))
-        bad = next((c for c in comps if not c.ok), None)
-        if bad is not None:
-            code = bad.reason or "engine_error"
-            status = 400 if code in ("prompt_too_long", "bad_request") else 500
-            return _openai_error(status, bad.error or code, "context_length_exceeded" if code == "prompt_too_long"
-                                 else code, "invalid_request_error" if status == 400 else "server_error")
+        req = ChatRequest(messages, sampling, n)
+        if stream:
+            return await self._stream(req, stop, include_usage)
+        comps = await self._answer(req)
+        failed = _failure(comps)
+        if failed is not None:
+            return failed
         answers = [_stopped(c.text, c.finish_reason, stop) for c in comps]
-        tokens = (comps[0].prompt_tokens, sum(c.completion_tokens for c in comps))
-        if stream:  # the step loop returns whole answers: each streams as one chunk
-            return StreamingResponse(ChunkStream(self.served_name).whole(answers, include_usage, *tokens),
+        return completion(self.served_name, answers, *_tokens(comps))
+
+    async def _stream(self, req: ChatRequest, stop: tuple[str, ...], include_usage: bool) -> Any:
+        """Stream the answers as the engine reports them. Until the first piece of text, a failure (e.g. a
+        prompt over the context limit) is still an HTTP error; after it, an error event ends the stream."""
+        loop = asyncio.get_running_loop()
+        updates: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
+
+        def on_text(_request: int, sample: int, text: str) -> None:  # called on the engine's thread
+            loop.call_soon_threadsafe(updates.put_nowait, (sample, text))
+
+        task = asyncio.ensure_future(self._answer(req, on_text))
+        first = asyncio.ensure_future(updates.get())
+        await asyncio.wait({task, first}, return_when=asyncio.FIRST_COMPLETED)
+        if not first.done():  # answered before any progress (a backend that reports none)
+            first.cancel()
+            comps = task.result()
+            failed = _failure(comps)
+            if failed is not None:
+                return failed
+            answers = [_stopped(c.text, c.finish_reason, stop) for c in comps]
+            return StreamingResponse(ChunkStream(self.served_name).whole(answers, include_usage, *_tokens(comps)),
                                      media_type="text/event-stream")
-        return completion(self.served_name, answers, *tokens)
+        return StreamingResponse(self._events(req.n, task, updates, first.result(), stop, include_usage),
+                                 media_type="text/event-stream")
+
+    async def _events(self, n: int, task: asyncio.Future, updates: asyncio.Queue, first: tuple[int, str],
+                      stop: tuple[str, ...], include_usage: bool) -> AsyncIterator[str]:
+        chunks = ChunkStream(self.served_name)
+        texts = [StreamedText(stop) for _ in range(n)]
+        started: set[int] = set()
+
+        def pieces(sample: int, text: str, final: bool = False) -> list[str]:
+            out = []
+            if sample not in started:  # each choice opens with its role
+                started.add(sample)
+                out.append(chunks.delta({"role": "assistant", "content": ""}, index=sample))
+            piece = texts[sample].advance(text, final)
+            if piece:
+                out.append(chunks.delta({"content": piece}, index=sample))
+            return out
+
+        try:
+            pending = [first]
+            while True:
+                for sample, text in pending:
+                    for event in pieces(sample, text):
+                        yield event
+                if task.done() and updates.empty():
+                    break
+                get = asyncio.ensure_future(updates.get())
+                await asyncio.wait({task, get}, return_when=asyncio.FIRST_COMPLETED)
+                pending = [get.result()] if get.done() else []
+                if not get.done():
+                    get.cancel()
+                while not updates.empty():
+                    pending.append(updates.get_nowait())
+            comps = task.result()
+            bad = next((c for c in comps if not c.ok), None)
+            if bad is not None:
+                yield chunks.error(bad.error or "engine_error", bad.reason or "engine_error")
+                yield DONE
+                return
+            for sample, c in enumerate(comps):  # the final text: what the stream held back, then the end
+                text, finish = _stopped(c.text, c.finish_reason, stop)
+                for event in pieces(sample, text, final=True):
+                    yield event
+                yield chunks.delta({}, finish, index=sample)
+            if include_usage:
+                yield chunks.usage(*_tokens(comps))
+            yield DONE
+        finally:
+            if not task.done():  # the client went away: vLLM stops computing the request
+                task.cancel()
 
 
 # ---------------------------------------------------------------------------------------------- start / stop

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -63,19 +64,74 @@ def test_vllm_sampling_n_and_errors(vllm_engine):
     assert [c.text for c in again[0]] == [c.text for c in out[0]]  # seeded
 
 
-def test_vllm_thinking_budget(vllm_engine):
-    """A template that opens the thought in the prompt (as Qwen3-Thinking's does): budget 5 force-closes it."""
+@contextlib.contextmanager
+def _thinking_budget(engine):
+    """A template that opens the thought in the prompt (as Qwen3-Thinking's does), and a budget of 5 tokens."""
     from ralm.config import ThinkingConfig
 
-    tok = vllm_engine.tokenizer
-    saved_tpl, saved_think = tok.chat_template, vllm_engine.thinking
+    tok = engine.tokenizer
+    saved_tpl, saved_think = tok.chat_template, engine.thinking
     tok.chat_template = saved_tpl.replace("'<|im_start|>assistant\n'", "'<|im_start|>assistant\n<think>\n'")
-    vllm_engine.thinking = ThinkingConfig(budget_tokens=5, force_close_text=" Enough.")
+    engine.thinking = ThinkingConfig(budget_tokens=5, force_close_text=" Enough.")
     try:
-        c = vllm_engine.chat([CONV], {"temperature": 0.0, "max_new_tokens": 24})[0][0]
+        yield
     finally:
-        tok.chat_template, vllm_engine.thinking = saved_tpl, saved_think
+        tok.chat_template, engine.thinking = saved_tpl, saved_think
+
+
+def test_vllm_thinking_budget(vllm_engine):
+    """The thinking budget force-closes a thought the prompt opened."""
+    with _thinking_budget(vllm_engine):
+        c = vllm_engine.chat([CONV], {"temperature": 0.0, "max_new_tokens": 24})[0][0]
     assert c.ok and c.forced_close and " Enough.</think>" in c.text and c.completion_tokens <= 24
+
+
+def _followed(engine, requests):
+    """achat_requests with on_text: the final completions and every (request, sample) -> texts reported."""
+    import asyncio
+
+    seen: dict[tuple[int, int], list[str]] = {}
+
+    def on_text(i: int, j: int, text: str) -> None:
+        seen.setdefault((i, j), []).append(text)
+
+    return asyncio.run(engine.achat_requests(requests, on_text)), seen
+
+
+def test_vllm_reports_answers_while_generating(vllm_engine):
+    """Streamed requests: the texts so far grow token by token, each a prefix of the next and of the final
+    answer, which is what the request gets without following it (greedy copies and sampled choices alike)."""
+    from ralm.llm.engines import ChatRequest, Sampling
+
+    greedy = ChatRequest(CONV, Sampling(0.0, 1.0, 12, 0), n=2)
+    sampled = ChatRequest(CONV, Sampling(1.0, 1.0, 12, 7), n=3)
+    long = ChatRequest([{"role": "user", "content": "word " * 300}], Sampling(0.0, 1.0, 4, 0))
+    out, seen = _followed(vllm_engine, [greedy, sampled, long])
+    plain = vllm_engine.chat_requests([greedy, sampled])
+    assert [[c.text for c in r] for r in out[:2]] == [[c.text for c in r] for r in plain]
+    assert [c.reason for c in out[2]] == ["prompt_too_long"] and not any(i == 2 for i, _ in seen)
+    assert set(seen) == {(0, 0), (0, 1), (1, 0), (1, 1), (1, 2)}
+    for (i, j), texts in seen.items():
+        final = out[i][j].text
+        assert all(b.startswith(a) for a, b in zip(texts, texts[1:], strict=False)) and final.startswith(texts[-1])
+        if out[i][j].completion_tokens > 2:
+            assert len(texts) >= 2, (i, j, texts)  # reported before the end, not once at it
+    assert len({c.text for c in out[1]}) > 1  # the sampled choices are reported apart
+
+
+def test_vllm_reports_the_continuation_after_a_forced_close(vllm_engine):
+    """With the thinking budget, phase 2's texts follow phase 1's answer and the injected close."""
+    from ralm.llm.engines import ChatRequest, Sampling
+
+    with _thinking_budget(vllm_engine):
+        out, seen = _followed(vllm_engine, [ChatRequest(CONV, Sampling(0.0, 1.0, 24, 0))])
+    c, texts = out[0][0], seen[(0, 0)]
+    assert c.forced_close and c.text.startswith(texts[-1])
+    head = c.text[: c.text.index(" Enough.</think>") + len(" Enough.</think>")]  # phase 1 + the injected close
+    thought = [t for t in texts if not t.startswith(head)]
+    answer = [t for t in texts if t.startswith(head)]
+    assert thought and answer and texts == thought + answer  # phase 1's texts, then phase 2's after the close
+    assert all(head.startswith(t) for t in thought)
 
 
 def test_requests_join_a_running_batch(vllm_engine, monkeypatch):
@@ -88,7 +144,8 @@ def test_requests_join_a_running_batch(vllm_engine, monkeypatch):
     from ralm.llm.engines.vllm import VLLMEngine
 
     # ignore_eos: the long request really runs to max_tokens, whatever the random model samples.
-    monkeypatch.setattr(vllm_engine, "_params", lambda r: VLLMEngine._params(vllm_engine, r, ignore_eos=True))
+    monkeypatch.setattr(vllm_engine, "_params",
+                        lambda r, **kw: VLLMEngine._params(vllm_engine, r, ignore_eos=True, **kw))
     room = vllm_engine.max_model_len - vllm_engine.count_tokens(CONV)
     done: dict[str, tuple[float, object]] = {}
 

@@ -112,6 +112,51 @@ def test_openai_client_over_http(service, llm_cfg):
                                        max_tokens=3, stop=list("abcde"))
 
 
+def _streamed(client, **kwargs) -> dict[int, tuple[list[str], str | None]]:
+    """Per choice: its content pieces in order and its finish reason."""
+    out: dict[int, tuple[list[str], str | None]] = {}
+    for chunk in client.chat.completions.create(model="llm-test", stream=True, **kwargs):
+        for ch in chunk.choices:
+            pieces, _ = out.setdefault(ch.index, ([], None))
+            if ch.delta.content:
+                pieces.append(ch.delta.content)
+            out[ch.index] = (pieces, ch.finish_reason or out[ch.index][1])
+    return out
+
+
+def test_stream_token_by_token(service, llm_cfg):
+    """stream=true sends the answer while vLLM generates it: several pieces that add up to the answer the
+    same request gets unstreamed; stop strings are held back and cut; a client that leaves early does not
+    keep the replica from serving others."""
+    import openai
+
+    client = openai.OpenAI(base_url=service.url, api_key="unused", max_retries=0, timeout=60)
+    hi = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 12, "temperature": 0}
+    whole = client.chat.completions.create(model="llm-test", **hi).choices[0]
+    pieces, finish = _streamed(client, **hi)[0]
+    assert len(pieces) > 1, pieces  # token by token, not one chunk at the end
+    assert ("".join(pieces), finish) == (whole.message.content, whole.finish_reason)
+
+    text = whole.message.content
+    stop = ["<never>", text[1:3]]
+    cut = client.chat.completions.create(model="llm-test", stop=stop, **hi).choices[0]
+    pieces, finish = _streamed(client, stop=stop, **hi)[0]
+    assert ("".join(pieces), finish) == (cut.message.content, "stop") and text[1:3] not in "".join(pieces)
+
+    sampled = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 12, "temperature": 0.8,
+               "n": 2, "seed": 3}
+    plain = client.chat.completions.create(model="llm-test", **sampled).choices
+    streamed = _streamed(client, **sampled)
+    assert {i: "".join(p) for i, (p, _) in streamed.items()} == {c.index: c.message.content for c in plain}
+
+    stream = client.chat.completions.create(model="llm-test", stream=True, messages=[{"role": "user", "content": "Hi"}],
+                                            max_tokens=200, temperature=0)
+    next(iter(stream))
+    stream.close()  # gone after the first chunk
+    again = client.chat.completions.create(model="llm-test", **hi).choices[0]
+    assert again.message.content == text
+
+
 def test_client_rows_errors_and_nll(service, llm_cfg):
     from ralm.llm.client import complete_rows, score_nll
 

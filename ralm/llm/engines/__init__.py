@@ -186,17 +186,26 @@ class Engine:
                 self._merge(results, where, self._generate(cont))
         return [r if r is not None else [] for r in results]
 
-    async def achat_requests(self, requests: Sequence[ChatRequest]) -> list[list[Completion]]:
-        """`chat_requests` for an event loop (a Serve replica): the same steps, awaiting `_agenerate`."""
+    async def achat_requests(self, requests: Sequence[ChatRequest],
+                             on_text: OnProgress | None = None) -> list[list[Completion]]:
+        """`chat_requests` for an event loop (a Serve replica): the same steps, awaiting `_agenerate`.
+        `on_text(request, sample, text so far)` follows the answers while they are generated, on backends that
+        can (vLLM; it is called from the engine's thread); the returned Completions are the final word."""
         results, plans, phase1 = self._plan(requests)
         if phase1:
-            cont, where = self._finish(requests, plans, await self._agenerate(phase1), results)
+            progress1 = None if on_text is None else [_sample_progress(on_text, i) for i, *_ in plans]
+            cont, where = self._finish(requests, plans, await self._agenerate(phase1, progress1), results)
             if cont:
-                self._merge(results, where, await self._agenerate(cont))
+                # A continuation's text follows its sample's phase-1 text and the injected thought close.
+                progress2 = None if on_text is None else [_sample_progress(on_text, i, j, results[i][j].text)
+                                                          for i, j, *_ in where]
+                self._merge(results, where, await self._agenerate(cont, progress2))
         return [r if r is not None else [] for r in results]
 
-    async def _agenerate(self, requests: Sequence[GenRequest]) -> list[list[GenOutput] | BaseException]:
-        """Backends without their own scheduler run `_generate` on a worker thread (they serialise calls)."""
+    async def _agenerate(self, requests: Sequence[GenRequest], progress: Sequence[SampleProgress | None] | None = None
+                         ) -> list[list[GenOutput] | BaseException]:
+        """Backends without their own scheduler run `_generate` on a worker thread (they serialise calls);
+        they report no `progress` (per request: `(sample, text so far)`), only the final outputs."""
         return await asyncio.to_thread(self._generate, requests)
 
     def check_health(self) -> None:
@@ -319,6 +328,41 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str | None:
     """`text` up to the first occurrence of any stop string (excluded), or None when none occurs."""
     hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
     return text[: min(hits)] if hits else None
+
+
+class StreamedText:
+    """The text of one answer as it grows, turned into the pieces a stream sends: nothing past a stop string,
+    and a tail that may be the start of one held back until the text goes on (or ends)."""
+
+    def __init__(self, stop: Sequence[str] = ()) -> None:
+        self.stop = [s for s in stop if s]
+        self.sent = ""
+
+    def advance(self, text: str, final: bool = False) -> str:
+        """The new piece to send now that the answer reads `text` (empty: nothing yet)."""
+        if self.stop:
+            cut = cut_at_stop(text, self.stop)
+            if cut is not None:
+                text = cut
+            elif not final:
+                held = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+                text = text[: len(text) - held]
+        if text.startswith(self.sent) and len(text) > len(self.sent):
+            piece, self.sent = text[len(self.sent):], text
+            return piece
+        return ""
+
+
+OnProgress = Callable[[int, int, str], None]  # (request index, sample index, the sample's text so far)
+SampleProgress = Callable[[int, str], None]  # one request's: (sample index, its text so far)
+
+
+def _sample_progress(on_text: OnProgress, request: int, sample: int | None = None, prefix: str = "") -> SampleProgress:
+    """One generation request's progress reported as its chat request's: a phase-2 continuation is one
+    sample (`sample`) whose text follows `prefix`."""
+    def report(j: int, text: str) -> None:
+        on_text(request, j if sample is None else sample, prefix + text)
+    return report
 
 
 def register(name: str) -> Callable[[type[Engine]], type[Engine]]:

@@ -22,11 +22,11 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, Future, InvalidStateError
 from typing import Any
 
-from ralm.llm.engines import Engine, GenOutput, GenRequest, register
+from ralm.llm.engines import Engine, GenOutput, GenRequest, SampleProgress, register
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ class _StepLoop:
         self._prepare = getattr(llm, "_preprocess_cmpl_one", None)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._running: dict[str, Future] = {}  # request id -> future; touched by the loop thread only
+        self._choices: dict[str, dict[int, Any]] = {}  # streamed request id -> its latest output per choice
         self._ids = itertools.count()
         self._lock = threading.Lock()  # orders submit against the loop's death (nothing is left waiting)
         self.error: BaseException | None = None
@@ -95,9 +96,14 @@ class _StepLoop:
         self._thread.start()
 
     # -------------------------------------------------------------------------------- callers
-    def submit(self, prompt_ids: list[int], params: Any) -> Future:
+    def submit(self, prompt_ids: list[int], params: Any, on_output: Callable[[list[Any]], None] | None = None
+               ) -> Future:
+        """`on_output` (with `params` asking for cumulative outputs): called on the loop thread after each
+        step with the request's choices so far (vLLM's CompletionOutputs); an error in it is logged, not
+        raised. The future's result holds every choice, as without it."""
         fut: Future = Future()
         fut.request_id = rid = f"ralm-{next(self._ids)}"  # type: ignore[attr-defined]
+        fut.on_output = on_output  # type: ignore[attr-defined]
         with self._lock:
             if self.error is not None:
                 fut.set_exception(EngineDied(f"the vLLM engine loop has stopped: {self.error!r}"))
@@ -134,10 +140,7 @@ class _StepLoop:
                     self._handle(*msg)
                 if self._engine.has_unfinished_requests():
                     for out in self._engine.step():
-                        if out.finished:
-                            fut = self._running.pop(out.request_id, None)
-                            if fut is not None:
-                                fut.set_result(out)
+                        self._deliver(out)
         except BaseException as e:  # noqa: BLE001 - every waiter must hear of it, then the thread ends
             if not isinstance(e, EngineDied):
                 log.exception("vLLM engine loop crashed; failing all pending requests")
@@ -160,13 +163,35 @@ class _StepLoop:
                         pass
         finally:
             self._running.clear()
+            self._choices.clear()
             self._engine = self._prepare = None  # let close() free the model
+
+    def _deliver(self, out: Any) -> None:
+        fut = self._running.get(out.request_id)
+        if fut is None:
+            return
+        on_output = getattr(fut, "on_output", None)
+        if on_output is not None:
+            # Streamed outputs carry the choices that moved this step: keep the latest of each.
+            choices = self._choices.setdefault(out.request_id, {})
+            choices.update({c.index: c for c in out.outputs})
+            out.outputs = [choices[k] for k in sorted(choices)]
+            if not out.finished:
+                try:
+                    on_output(out.outputs)
+                except Exception:  # noqa: BLE001 - a reader's error must not stop the engine for everyone
+                    log.exception("a streamed request's output callback failed")
+        if out.finished:
+            self._running.pop(out.request_id, None)
+            self._choices.pop(out.request_id, None)
+            fut.set_result(out)
 
     def _handle(self, kind: str, rid: str, prompt_ids: Any, params: Any, fut: Future | None) -> None:
         if kind == "stop":
             raise EngineDied("the vLLM engine was closed")
         if kind == "abort":
             fut = self._running.pop(rid, None)
+            self._choices.pop(rid, None)
             if fut is not None:
                 self._engine.abort_request([rid])
                 fut.set_exception(CancelledError(f"request {rid} aborted"))  # nobody waits for it any more
@@ -183,6 +208,16 @@ class _StepLoop:
             fut.set_exception(e)
             return
         self._running[rid] = fut
+
+
+def _reporter(report: SampleProgress, n: int, copies: int) -> Callable[[list[Any]], None]:
+    """A step's choices -> `report(sample, text so far)` for every sample they stand for (a greedy answer
+    computed once stands for its copies: sample = copy x n + choice, as `_outputs` orders them)."""
+    def on_output(choices: list[Any]) -> None:
+        for c in choices:
+            for copy in range(copies):
+                report(copy * n + c.index, c.text)
+    return on_output
 
 
 @register("vllm")
@@ -220,7 +255,7 @@ class VLLMEngine(Engine):
         serve_cfg = getattr(llm_cfg, "serve", None)
         self._loop = _StepLoop(self.llm, gather_s=float(getattr(serve_cfg, "batch_wait_timeout_s", 0.0) or 0.0))
 
-    def _params(self, r: GenRequest, **extra: Any) -> Any:
+    def _params(self, r: GenRequest, streamed: bool = False, **extra: Any) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -228,14 +263,18 @@ class VLLMEngine(Engine):
         # (`_submit`: r.n // params.n copies).
         return SamplingParams(n=1 if r.temperature == 0 else r.n, temperature=r.temperature,
                               top_p=r.top_p if r.temperature > 0 else 1.0, max_tokens=r.max_tokens, seed=r.seed,
-                              output_kind=RequestOutputKind.FINAL_ONLY, **extra)
+                              output_kind=RequestOutputKind.CUMULATIVE if streamed else RequestOutputKind.FINAL_ONLY,
+                              **extra)
 
-    def _submit(self, requests: Sequence[GenRequest]) -> list[Future]:
+    def _submit(self, requests: Sequence[GenRequest], progress: Sequence[SampleProgress | None] | None = None
+                ) -> list[Future]:
         futs = []
-        for r in requests:
-            params = self._params(r)
-            fut = self._loop.submit(r.prompt_ids, params)
-            fut.copies = r.n // params.n  # type: ignore[attr-defined]
+        for k, r in enumerate(requests):
+            report = progress[k] if progress is not None else None
+            params = self._params(r, streamed=report is not None)
+            copies = r.n // params.n
+            fut = self._loop.submit(r.prompt_ids, params, None if report is None else _reporter(report, params.n, copies))
+            fut.copies = copies  # type: ignore[attr-defined]
             futs.append(fut)
         return futs
 
@@ -251,8 +290,9 @@ class VLLMEngine(Engine):
     def _generate(self, requests: Sequence[GenRequest]) -> list[list[GenOutput] | BaseException]:
         return [self._outputs(f) for f in self._submit(requests)]
 
-    async def _agenerate(self, requests: Sequence[GenRequest]) -> list[list[GenOutput] | BaseException]:
-        futs = self._submit(requests)
+    async def _agenerate(self, requests: Sequence[GenRequest], progress: Sequence[SampleProgress | None] | None = None
+                         ) -> list[list[GenOutput] | BaseException]:
+        futs = self._submit(requests, progress)
         try:
             await asyncio.gather(*(asyncio.wrap_future(f) for f in futs), return_exceptions=True)
         except asyncio.CancelledError:  # the caller gave up (client timeout, replica draining): stop computing
