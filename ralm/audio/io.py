@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,16 +88,30 @@ def decode(uri: str, offset_s: float = 0.0, duration_s: float | None = None) -> 
     return np.ascontiguousarray(mono, dtype=np.float32), int(sr)
 
 
+# Decoder messages name an in-memory buffer's address or a C++ source line; neither helps a user, and an
+# address would make a rerun's reject row differ from the first run's.
+_NOISE = (re.compile(r"Error opening <[^>]*>: "), re.compile(r"^[^,]*, \S+\.(?:cpp|cc|h):\d+, "))
+
+
+def decoder_message(err: Exception) -> str:
+    text = str(err).strip()
+    for pattern in _NOISE:
+        text = pattern.sub("", text)
+    return text
+
+
 def _decode_ffmpeg(raw: bytes, uri: str, sf_err: Exception) -> tuple[np.ndarray, int]:
     try:
         from torchcodec.decoders import AudioDecoder
     except Exception:
-        raise AudioError("corrupt", f"{uri}: soundfile cannot decode it ({sf_err}) and torchcodec is unavailable") from None
+        raise AudioError("corrupt", f"{uri}: soundfile cannot decode it ({decoder_message(sf_err)}) and torchcodec "
+                         "is unavailable") from None
     try:
         samples = AudioDecoder(raw).get_all_samples()
         return samples.data.numpy().T.astype(np.float32), int(samples.sample_rate)
     except Exception as e:
-        raise AudioError("corrupt", f"{uri}: not decodable ({type(sf_err).__name__}: {sf_err}; ffmpeg: {e})") from None
+        raise AudioError("corrupt", f"{uri}: not decodable (soundfile: {decoder_message(sf_err)}; "
+                         f"ffmpeg: {decoder_message(e)})") from None
 
 
 def resample(wav: np.ndarray, orig_sr: int, new_sr: int) -> np.ndarray:

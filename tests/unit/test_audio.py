@@ -49,6 +49,22 @@ def test_bad_files_raise_with_reason(tmp_path, make, reason):
     assert e.value.reason == reason
 
 
+def test_undecodable_file_message_is_readable_and_repeatable(tmp_path):
+    """The reject's detail names the file and what each decoder said, without an in-memory buffer's
+    address or a C++ source line: the same file gives the same row on a rerun."""
+    path = tmp_path / "noise.wav"
+    path.write_bytes(np.random.default_rng(0).bytes(5000))
+    details = []
+    for _ in range(2):
+        with pytest.raises(AudioError) as e:
+            decode(str(path))
+        details.append(e.value.detail)
+    assert e.value.reason == "corrupt"
+    assert details[0] == details[1]
+    assert str(path) in details[0] and "soundfile:" in details[0] and "ffmpeg:" in details[0]
+    assert " at 0x" not in details[0] and ".cpp:" not in details[0]
+
+
 def test_missing_file():
     with pytest.raises(AudioError) as e:
         decode("/nonexistent/x.wav")
