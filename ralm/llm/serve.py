@@ -31,7 +31,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from ralm.llm.engines import ChatRequest, Completion, OnProgress, Sampling, StreamedText, cut_at_stop
-from ralm.serve.openai_format import DONE, ChunkStream, completion, error_object, stop_strings
+from ralm.serve.openai_format import (
+    DONE,
+    ChunkStream,
+    completion,
+    error_object,
+    stop_strings,
+    unsupported_message,
+    unsupported_options,
+)
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +132,9 @@ class LLMServer:
     async def chat_completions(self, request: Request) -> Any:
         try:
             body = await request.json()
+            unsupported = unsupported_options(body)
+            if unsupported:
+                return _openai_error(400, unsupported_message(unsupported), "unsupported")
             messages = [{"role": m["role"], "content": _text(m.get("content"))} for m in body["messages"]]
             if not messages:
                 raise ValueError("messages is empty")

@@ -41,7 +41,15 @@ from ray import serve
 
 from ralm.eval.inference import ClientGone
 from ralm.serve.batching import Entry, MicroBatcher
-from ralm.serve.openai_format import DONE, ChunkStream, completion, error_object, stop_strings
+from ralm.serve.openai_format import (
+    DONE,
+    ChunkStream,
+    completion,
+    error_object,
+    stop_strings,
+    unsupported_message,
+    unsupported_options,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +115,9 @@ def parse_request(body: Any, max_audio_bytes: int, max_new_tokens: int) -> Parse
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise RequestError(400, "stream_options must be an object", "invalid_request", "stream_options")
+    unsupported = unsupported_options(body)
+    if unsupported:
+        raise RequestError(400, unsupported_message(unsupported), "unsupported", unsupported[0])
     if int(body.get("n") or 1) != 1:
         raise RequestError(400, "n must be 1", "unsupported", "n")
     user = n_system

@@ -21,6 +21,35 @@ def stop_strings(stop: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(x for x in stops if x))
 
 
+# Request options that change what an answer is (token log-probabilities, tool calls, JSON mode, sampling
+# penalties, audio output). Neither endpoint implements them, and a client that set one must not get an
+# answer that silently ignored it: a 400 naming them instead. Their default values pass.
+_NOT_IMPLEMENTED: dict[str, Any] = {
+    "logprobs": lambda v: not v,
+    "top_logprobs": lambda v: not v,
+    "tools": lambda v: not v,
+    "tool_choice": lambda v: v in (None, "none", "auto"),
+    "functions": lambda v: not v,
+    "function_call": lambda v: v in (None, "none", "auto"),
+    "response_format": lambda v: not v or (isinstance(v, dict) and v.get("type") == "text"),
+    "presence_penalty": lambda v: not v,
+    "frequency_penalty": lambda v: not v,
+    "logit_bias": lambda v: not v,
+    "modalities": lambda v: not v or list(v) == ["text"],
+    "audio": lambda v: not v,
+}
+
+
+def unsupported_options(body: dict[str, Any]) -> list[str]:
+    """The options in a chat request that ask for something this server does not do (empty: none)."""
+    return [k for k, default in _NOT_IMPLEMENTED.items() if k in body and not default(body[k])]
+
+
+def unsupported_message(names: Sequence[str]) -> str:
+    return (f"not supported by this server: {', '.join(names)} (answers are plain text; supported: messages, "
+            "max_tokens/max_completion_tokens, temperature, top_p, seed, stop, n, stream, stream_options)")
+
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}

@@ -154,6 +154,19 @@ def test_serve_openai_client(ray_local, tiny_export, tmp_path):
             assert err.value.status_code == status, err.value
             assert text in err.value.message
 
+        # Options that change what an answer is and that the ALM does not implement: refused by name, never
+        # silently ignored; their default values pass.
+        for option, name in [({"logprobs": True, "top_logprobs": 2}, "logprobs, top_logprobs"),
+                             ({"response_format": {"type": "json_object"}}, "response_format"),
+                             ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+                             ({"presence_penalty": 0.5}, "presence_penalty")]:
+            with pytest.raises(openai.BadRequestError, match=f"not supported by this server: {name}"):
+                client.chat.completions.create(model=svc.model, messages=_audio_msg(_wav_bytes(1.0)), max_tokens=4,
+                                               **option)
+        defaults = client.chat.completions.create(model=svc.model, messages=_audio_msg(_wav_bytes(1.0)), max_tokens=6,
+                                                  logprobs=False, presence_penalty=0, response_format={"type": "text"})
+        assert defaults.choices[0].message.content == ok.choices[0].message.content
+
         # The replica keeps serving after the bad requests.
         after = client.chat.completions.create(model=svc.model, messages=_audio_msg(_wav_bytes(1.0)), max_tokens=6)
         assert after.choices[0].message.content == ok.choices[0].message.content

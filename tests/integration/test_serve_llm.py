@@ -111,6 +111,18 @@ def test_openai_client_over_http(service, llm_cfg):
         client.chat.completions.create(model="llm-test", messages=[{"role": "user", "content": "Hi"}],
                                        max_tokens=3, stop=list("abcde"))
 
+    # Log-probabilities, tools, JSON mode, penalties: not implemented, so refused by name rather than
+    # answered as if they had been applied; default values pass.
+    for option, name in [({"logprobs": True}, "logprobs"), ({"frequency_penalty": 1.0}, "frequency_penalty"),
+                         ({"response_format": {"type": "json_object"}, "logit_bias": {"1": 5}},
+                          "response_format, logit_bias")]:
+        with pytest.raises(openai.BadRequestError, match=f"not supported by this server: {name}"):
+            client.chat.completions.create(model="llm-test", messages=[{"role": "user", "content": "Hi"}],
+                                           max_tokens=3, **option)
+    plain = client.chat.completions.create(model="llm-test", messages=[{"role": "user", "content": "Hi"}],
+                                           max_tokens=3, temperature=0, logprobs=False, frequency_penalty=0.0)
+    assert plain.choices[0].message.content == again.choices[0].message.content
+
 
 def _streamed(client, **kwargs) -> dict[int, tuple[list[str], str | None]]:
     """Per choice: its content pieces in order and its finish reason."""
