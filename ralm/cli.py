@@ -21,6 +21,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
 
 
+def _redo_flag(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--redo", action="store_true",
+                   help="delete this stage's outputs (and those of the stages built on it) first, then run it")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ralm.pipeline import STAGES
 
@@ -30,11 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     corpus = sub.add_parser("corpus", help="build the corpus dataset")
     corpus_sub = corpus.add_subparsers(dest="action", required=True)
-    _common(corpus_sub.add_parser("build", help=STAGES["corpus"].help))
+    _redo_flag(corpus_sub.add_parser("build", help=STAGES["corpus"].help))
 
     for name, stage in STAGES.items():
         if name not in ("corpus", "eval"):
-            _common(sub.add_parser(name, help=stage.help))
+            _redo_flag(sub.add_parser(name, help=stage.help))
 
     ev = sub.add_parser("eval", help=STAGES["eval"].help)
     ev.add_argument("--benchmark", default=None, help="demo | mmau | mmsu | mmar (default: eval.benchmark)")
@@ -55,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="every stage in order, skipping finished ones")
     _common(run)
     run.add_argument("--stages", default=None, help="comma-separated subset, e.g. corpus,features")
+    run.add_argument("--redo", default=None, metavar="STAGES",
+                     help="comma-separated stages to start over, with every stage built on them (e.g. train: "
+                     "train and eval); needed after changing a finished stage's settings")
 
     rep = sub.add_parser("report", help="(re)write DIR/report.md and its plots from the stages' reports")
     _common(rep)
@@ -69,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--runtime-env", default=None, help="runtime env YAML (default jobs/runtime_env.yaml)")
     submit.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
     submit.add_argument("--submission-id", default=None)
+    submit.add_argument("--redo", default=None, metavar="STAGES",
+                        help="start stages over first, as `ralm run --redo` (a stage target: any value redoes it)")
     _common(submit)
 
     plan = sub.add_parser("plan", help="projected GPU-hours, storage and tokens for a corpus size")
@@ -164,19 +175,21 @@ def _run_command(args: argparse.Namespace, cfg: RalmConfig, run_dir: str) -> int
         from ralm.submit import submit
 
         _, status = submit(args.target, args.address, args.config, args.run_dir, args.overrides,
-                           runtime_env=args.runtime_env, follow=args.follow, submission_id=args.submission_id)
+                           runtime_env=args.runtime_env, follow=args.follow, submission_id=args.submission_id,
+                           redo=args.redo)
         return 0 if status in (None, "SUCCEEDED") else 1
     if args.command == "run":
         stages = args.stages.split(",") if args.stages else None
-        unknown = [s for s in stages or [] if s not in pipeline.STAGES]
+        redo = args.redo.split(",") if args.redo else None
+        unknown = [s for s in [*(stages or []), *(redo or [])] if s not in pipeline.STAGES]
         if unknown:
             print(f"ralm: unknown stage(s) {unknown}; stages: {list(pipeline.STAGES)}", file=sys.stderr)
             return 2
-        pipeline.run_all(cfg, run_dir, stages)
+        pipeline.run_all(cfg, run_dir, stages, redo)
         print(f"run complete: {run_dir}")
         return 0
     stage = "corpus" if args.command == "corpus" else args.command
-    uri = pipeline.run_stage(stage, cfg, run_dir)
+    uri = pipeline.run_stage(stage, cfg, run_dir, redo_first=bool(getattr(args, "redo", False)))
     _print_report(uri)
     return 0
 

@@ -39,12 +39,15 @@ def load_runtime_env(path: str | Path | None = None, extra_env: dict[str, str] |
     return env
 
 
-def build_entrypoint(command: str, config: str, run_dir: str | None, overrides: list[str]) -> str:
+def build_entrypoint(command: str, config: str, run_dir: str | None, overrides: list[str],
+                     redo: str | None = None) -> str:
     args = ["python", ENTRYPOINT]  # the cluster's python (the image's), not this machine's
     args += ["corpus", "build"] if command == "corpus" else [command]
     args += ["--config", config]
     if run_dir:
         args += ["--run-dir", run_dir]
+    if redo:  # `run --redo a,b`; a single stage's flag takes no value
+        args += ["--redo", redo] if command == "run" else ["--redo"]
     args += overrides
     return shlex.join(args)
 
@@ -70,7 +73,7 @@ def job_client(address: str) -> Any:
 
 def submit(command: str, address: str, config: str, run_dir: str | None = None, overrides: list[str] | None = None,
            runtime_env: str | None = None, follow: bool = False, submission_id: str | None = None,
-           entrypoint_num_cpus: float | None = None) -> tuple[str, str | None]:
+           entrypoint_num_cpus: float | None = None, redo: str | None = None) -> tuple[str, str | None]:
     """Submit; returns (job id, final status or None when not following)."""
     from ray.job_submission import JobStatus
 
@@ -79,7 +82,7 @@ def submit(command: str, address: str, config: str, run_dir: str | None = None, 
     cfg_path = Path(config)
     if cfg_path.exists() and cfg_path.resolve().is_relative_to(REPO_ROOT):
         config = str(cfg_path.resolve().relative_to(REPO_ROOT))  # the job sees the uploaded copy
-    entrypoint = build_entrypoint(command, config, run_dir, overrides or [])
+    entrypoint = build_entrypoint(command, config, run_dir, overrides or [], redo)
     deadline = time.time() + 120
     while True:
         try:

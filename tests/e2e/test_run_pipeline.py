@@ -168,3 +168,17 @@ def test_kill_between_stages_then_resume(crashed_run: dict) -> None:
     for stage in ("train", "eval"):
         assert any(line.startswith("done in") for line in lines[stage]), (stage, lines.get(stage))
     assert f"run complete: {run_dir}" in output
+
+
+def test_rerun_with_other_settings_stops_and_names_them(clean_run: tuple[Path, str], config: Path,
+                                                        tmp_path: Path) -> None:
+    """A finished run rerun with another learning rate: train's output would be stale, so the run stops
+    before any work, says what changed and how to start over, and leaves every stage as it was."""
+    run_dir, _ = clean_run
+    before = {stage: snapshot(run_dir / stage) for stage in STAGES}
+    driver = start_run(config, run_dir, tmp_path / "changed.log", "train.lr=0.123")
+    assert driver.wait(300) == 1, driver.tail()
+    output = driver.output()
+    assert "ralm run: error: train was finished" in output and "train.lr: " in output and "-> 0.123" in output
+    assert "--redo train" in output and "Traceback" not in output
+    assert {stage: snapshot(run_dir / stage) for stage in STAGES} == before

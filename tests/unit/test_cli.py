@@ -72,3 +72,19 @@ def test_chat_and_serve_before_training_say_what_to_run(tmp_path, capsys):
         assert f"ralm {argv[0]}: error: no exported adapter in" in err and "ralm train" in err
         assert "Traceback" not in err
     assert ray.is_initialized() == ray_was_up  # serve refused before starting Ray or deploying anything
+
+
+def test_submitted_jobs_carry_redo():
+    from ralm.submit import build_entrypoint
+
+    run = build_entrypoint("run", "configs/demo.yaml", None, ["train.lr=0.1"], redo="train,eval")
+    assert run.endswith("run --config configs/demo.yaml --redo train,eval train.lr=0.1")
+    stage = build_entrypoint("corpus", "configs/demo.yaml", "/runs/x", [], redo="corpus")
+    assert stage.endswith("corpus build --config configs/demo.yaml --run-dir /runs/x --redo")
+    assert "--redo" not in build_entrypoint("train", "configs/demo.yaml", None, [])
+    # what the job runs parses back: the entrypoint's arguments are the CLI's
+    from ralm.cli import build_parser
+
+    args = build_parser().parse_args(run.split()[2:])
+    assert args.redo == "train,eval" and args.overrides == ["train.lr=0.1"]
+    assert build_parser().parse_args(stage.split()[2:]).redo is True
