@@ -298,7 +298,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report.get("answer_mode") in CHOICE_SCORING_MODES:
         lines += ["", "Answers by likelihood: each choice was scored as the ALM's reply to the question (mean "
                   "token log-probability" + (", minus its score with no audio at all" if report["answer_mode"] == "pmi"
-                                             else "") + ") and the best one chosen, so nothing is unparsed."]
+                                             else "") + ") and the best one chosen, so every reply maps to a choice: an unparsed item here is one "
+                  "that failed (the errors column, e.g. audio that does not decode)."]
     lines += ["", "Unparsed replies count as wrong (never a random guess). Predictions in the official "
               f"format: `{report['predictions']}`.", ""]
     return "\n".join(lines)
