@@ -9,10 +9,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 
 from ralm.config import ConfigError, RalmConfig, dump_config, load_config
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w-]*(\.[\w-]+)*=")  # key.path=value
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -96,6 +99,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may follow options (`--run-dir D k=v`): argparse leaves those as extras; keep them.
     args, extras = parser.parse_known_args(argv)
+    if args.command == "chat":  # overrides may come before the question: argparse takes the first for it
+        words = [args.question, *args.overrides, *(x for x in extras if not x.startswith("-"))]
+        extras = [x for x in extras if x.startswith("-")]
+        args.overrides = [w for w in words if _OVERRIDE.match(w)]
+        question = [w for w in words if not _OVERRIDE.match(w)]
+        if len(question) != 1:
+            parser.error(f"chat takes one question, in quotes (got {question})")
+        args.question = question[0]
     stray = [x for x in extras if x.startswith("-") or "=" not in x]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")

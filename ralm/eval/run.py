@@ -58,15 +58,21 @@ def resolve_data(cfg: RalmConfig, run_dir: str) -> str:
     from ralm.eval.mcq import DEFAULT_FACTS, build_demo_mcq_from_corpus
 
     out = storage.join(cfg.stage_uri(STAGE, run_dir), "demo_mcq.json")
-    if not storage.exists(out):
-        build_demo_mcq_from_corpus(cfg.stage_uri("corpus", run_dir), out, facts=ec.mcq_facts or DEFAULT_FACTS,
+    # Built once per settings: other facts, questions per clip or seed rebuild it (the predictions are keyed
+    # by the file's content, so answers to the old questions are never reused for new ones).
+    settings = {"facts": list(ec.mcq_facts or DEFAULT_FACTS), "per_clip": ec.mcq_per_clip, "seed": ec.seed}
+    settings_uri = storage.join(cfg.stage_uri(STAGE, run_dir), "demo_mcq.settings.json")
+    if not (storage.exists(out) and storage.exists(settings_uri) and storage.read_json(settings_uri) == settings):
+        build_demo_mcq_from_corpus(cfg.stage_uri("corpus", run_dir), out, facts=settings["facts"],
                                    per_clip=ec.mcq_per_clip, seed=ec.seed)
+        storage.write_json(settings_uri, settings)
     return out
 
 
 def fingerprint(cfg: RalmConfig, data: str, adapters: list[str]) -> str:
     ec = cfg.eval
     key = {"benchmark": ec.benchmark, "data": data, "audio_root": ec.audio_root, "adapters": adapters,
+           "data_sha1": hashlib.sha1(storage.read_bytes(data)).hexdigest(),  # an edited file is another benchmark
            "glue": ec.ensemble_glue if len(adapters) > 1 else None, "instruction": ec.instruction,
            "max_new_tokens": ec.max_new_tokens, "limit": ec.limit, "seed": ec.seed}
     if ec.answer_mode != "generate":  # keeps the fingerprint (and committed predictions) of older runs

@@ -238,6 +238,15 @@ def test_eval_stage_demo_with_controls_and_resume(ray_local, tiny_export, tmp_pa
     run(cfg, run_dir)
     assert records.part_uris(records.data_uri(pred_dir)) == parts
 
+    # Two questions per clip: the MCQ file is rebuilt and answered anew (not the old answers under old ids).
+    cfg.eval.mcq_per_clip = 2
+    run(cfg, run_dir)
+    more = json.loads((tmp_path / "run/eval/demo_mcq.json").read_text())
+    assert len(more) > len(mcq) and {it["clip_id"] for it in more} == {it["clip_id"] for it in mcq}
+    again = json.loads((tmp_path / "run/eval/report.json").read_text())
+    assert again["items"] == len(more) and again["predictions_dir"] != pred_dir
+    assert len(records.read_ids(records.data_uri(again["predictions_dir"]))) == 3 * len(more)
+
 
 def test_eval_stage_mmau_rejects_bad_items_and_audio(ray_local, tiny_export, tmp_path, write_wav):
     from ralm.eval.run import run

@@ -88,3 +88,9 @@ def test_submitted_jobs_carry_redo():
     args = build_parser().parse_args(run.split()[2:])
     assert args.redo == "train,eval" and args.overrides == ["train.lr=0.1"]
     assert build_parser().parse_args(stage.split()[2:]).redo is True
+
+
+def test_chat_wants_one_quoted_question(capsys):
+    with pytest.raises(SystemExit):
+        main(["chat", "--config", "demo", "train.lr=0.1", "what", "is", "this"])
+    assert "chat takes one question, in quotes" in capsys.readouterr().err

@@ -435,3 +435,9 @@ def test_cli_chat_prints_the_answer_as_it_comes(exports, write_wav, monkeypatch)
                      "What do you hear?", f"eval.adapters=[{exports[0]}]"]) == 0
         assert out.getvalue() == answer + "\n"
         assert len([w for w in out.writes if w]) > 2
+    # Overrides may also come first, where argparse would take one for the question.
+    out = Terminal()
+    monkeypatch.setattr(sys, "stdout", out)
+    assert main(["chat", "--config", "demo", f"eval.adapters=[{exports[0]}]", "--audio", clip, "--max-new-tokens",
+                 "12", "What do you hear?"]) == 0
+    assert out.getvalue() == expected + "\n"
