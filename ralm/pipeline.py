@@ -111,11 +111,20 @@ def stage_config(cfg: RalmConfig, name: str) -> dict[str, Any]:
     return {k: v for k, v in flat if not any(fnmatch.fnmatchcase(k, p) for p in HOW_TO_RUN)}
 
 
+def has_output(cfg: RalmConfig, run_dir: str, name: str) -> bool:
+    """Whether a stage finished or committed anything (rows, rejects, a training checkpoint): an attempt
+    that failed before that leaves nothing a new config could mix with."""
+    uri = cfg.stage_uri(name, run_dir)
+    return (records.is_complete(uri) or bool(records.part_uris(records.data_uri(uri)))
+            or bool(records.part_uris(records.rejects_uri(uri)))
+            or (name == "train" and bool(storage.ls(storage.join(uri, "ray"), "checkpoint*"))))
+
+
 def config_changes(cfg: RalmConfig, run_dir: str, name: str) -> list[str]:
-    """`key: old -> new` for every setting that differs from the one the stage ran with (empty: none, or
-    the stage has not started / predates the record)."""
+    """`key: old -> new` for every setting that differs from the one the stage ran with (empty: none, the
+    stage has no output yet, or its output predates the record)."""
     uri = storage.join(cfg.stage_uri(name, run_dir), CONFIG_FILE)
-    if not storage.exists(uri):
+    if not storage.exists(uri) or not has_output(cfg, run_dir, name):
         return []
     before, now = storage.read_json(uri), stage_config(cfg, name)
     missing = object()
@@ -170,6 +179,18 @@ def _remove_external_shards(stage_uri: str) -> None:
     for part in storage.ls(records.data_uri(stage_uri), "part-*.parquet"):
         base = part.rstrip("/").rsplit("/", 1)[-1]
         storage.remove(storage.join(shards_dir, "shard-" + base[len("part-"):-len(".parquet")] + ".tar"))
+
+
+def _check_inputs(cfg: RalmConfig, run_dir: str, selected: list[str]) -> None:
+    """Before any work (an LLM service takes a minute to start): every stage's inputs are finished or made
+    earlier in this run."""
+    for i, name in enumerate(selected):
+        if name == "eval" and cfg.eval.adapters:  # evaluates given adapters, not this run's training
+            continue
+        for up in STAGES[name].after:
+            if up not in selected[:i] and not records.is_complete(cfg.stage_uri(up, run_dir)):
+                raise RuntimeError(f"{name} reads the output of {up}, which has not finished in {run_dir}: add "
+                                   f"{up} to --stages (or leave --stages out to run every stage)")
 
 
 def _record_config(cfg: RalmConfig, run_dir: str, name: str) -> None:
@@ -233,6 +254,7 @@ def run_all(cfg: RalmConfig, run_dir: str | None = None, stages: list[str] | Non
     stale = next((n for n in selected if changed[n] and STAGES[n].on_change == "refuse"), None)
     if stale is not None:
         raise _refuse(cfg, run_dir, stale, changed[stale])
+    _check_inputs(cfg, run_dir, selected)
     timings: dict[str, Any] = {}
     timings_uri = storage.join(run_dir, "timings.json")
     if storage.exists(timings_uri):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -79,20 +80,52 @@ def test_a_changed_stage_is_refused_with_what_changed_and_how_to_redo(tmp_path, 
     assert "train was finished" in message and "train.lr: 0.002 -> 0.1" in message and "--redo train" in message
     assert (tmp_path / "train" / "output.bin").exists() and (tmp_path / "eval" / "output.bin").exists()
 
-    # A partly done stage (no _SUCCESS) is refused too: its committed rows came from the old settings.
+    # A partly done stage (a checkpoint, no _SUCCESS) is refused too: resuming would mix two configs.
     (tmp_path / "train" / "_SUCCESS").unlink()
+    (tmp_path / "train" / "ray" / "checkpoint-step00000005").mkdir(parents=True)
     with pytest.raises(pipeline.StageConfigChanged, match="train was started"):
         pipeline.run_stage("train", changed, str(tmp_path))
+    # An attempt that failed before committing anything simply runs with the new settings.
+    shutil.rmtree(tmp_path / "train" / "ray")
+    pipeline.run_stage("train", changed, str(tmp_path))
+    assert _calls(tmp_path) == [[0.1, str(tmp_path)]]
+    assert json.loads((tmp_path / "train" / pipeline.CONFIG_FILE).read_text())["train.lr"] == 0.1
 
     # --redo: train and eval (built on it) start over; features and the rest stay as they were.
-    assert pipeline.run_stage("train", changed, str(tmp_path), redo_first=True) == str(tmp_path)
-    assert _calls(tmp_path) == [[0.1, str(tmp_path)]]
+    records.mark_success(str(tmp_path / "train"))
+    again = load_config("demo", ["train.lr=0.2"])
+    assert pipeline.run_stage("train", again, str(tmp_path), redo_first=True) == str(tmp_path)
+    assert _calls(tmp_path)[-1] == [0.2, str(tmp_path)]
     assert not (tmp_path / "train" / "output.bin").exists() and not (tmp_path / "eval").exists()
-    assert json.loads((tmp_path / "train" / pipeline.CONFIG_FILE).read_text())["train.lr"] == 0.1
+    assert json.loads((tmp_path / "train" / pipeline.CONFIG_FILE).read_text())["train.lr"] == 0.2
     assert all((tmp_path / s / "output.bin").exists() for s in ("corpus", "generate", "features"))
     # Settings that only say how to run may change on a rerun.
-    pipeline.run_stage("train", load_config("demo", ["train.lr=0.1", "train.log_every=3"]), str(tmp_path))
-    assert len(_calls(tmp_path)) == 2
+    records.mark_success(str(tmp_path / "train"))
+    pipeline.run_stage("train", load_config("demo", ["train.lr=0.2", "train.log_every=3"]), str(tmp_path))
+    assert len(_calls(tmp_path)) == 3
+
+
+def test_committed_rows_make_a_stage_started_and_missing_inputs_stop_a_run_early(tmp_path, monkeypatch):
+    for name in pipeline.ORDER:
+        monkeypatch.setitem(pipeline.STAGES, name,
+                            dataclasses.replace(pipeline.STAGES[name], target="tests.unit.test_pipeline:_probe"))
+    monkeypatch.setattr(pipeline, "_refresh_report", lambda run_dir: f"{run_dir}/report.md")
+    monkeypatch.setattr(pipeline, "_uses_llm_service", lambda cfg, name: False)
+    base = load_config("demo")
+    with pytest.raises(RuntimeError, match="generate reads the output of prompts, which has not finished"):
+        pipeline.run_all(base, str(tmp_path), ["generate"])
+    assert _calls(tmp_path) == []
+    _finished(base, tmp_path, ["corpus", "prompts"])
+    (tmp_path / "generate" / "data").mkdir(parents=True)
+    (tmp_path / "generate" / pipeline.CONFIG_FILE).write_text(json.dumps(pipeline.stage_config(base, "generate")))
+    other = load_config("demo", ["generation.best_of_n=2"])
+    assert not pipeline.has_output(base, str(tmp_path), "generate")
+    assert pipeline.config_changes(other, str(tmp_path), "generate") == []  # nothing committed yet
+    records.write_part(records.data_uri(str(tmp_path / "generate")), [records.make_record(id="c0", domain="sound")])
+    assert pipeline.has_output(base, str(tmp_path), "generate")
+    assert pipeline.config_changes(other, str(tmp_path), "generate") == ["generation.best_of_n: 1 -> 2"]
+    pipeline.run_all(base, str(tmp_path), ["prompts", "generate"])  # prompts finished: skipped; generate resumes
+    assert len(_calls(tmp_path)) == 1
 
 
 def test_run_stops_before_any_work_and_reruns_a_changed_eval(tmp_path, monkeypatch):
