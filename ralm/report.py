@@ -43,6 +43,10 @@ def _gaps(vs: dict[str, Any]) -> str:
     return "".join(f" Real minus {name} audio: {describe_vs_control(c)}." for name, c in vs.items())
 
 
+PLOTS = {"corpus_by_domain.png", "rejects.png", "leak_rate.png", "train_loss.png", "eval_accuracy.png",
+         "wall_time.png"}
+
+
 def _plots(data: dict[str, Any], out_dir: str) -> dict[str, str]:
     import matplotlib
 
@@ -53,6 +57,7 @@ def _plots(data: dict[str, Any], out_dir: str) -> dict[str, str]:
     st = data["stages"]
 
     def save(fig: Any, name: str) -> None:
+        assert name in PLOTS, name
         path = os.path.join(out_dir, name)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
@@ -216,6 +221,8 @@ def write_report(run_dir: str) -> str:
         for name, path in images.items():
             with open(path, "rb") as f:
                 storage.write_bytes_atomic(storage.join(run_dir, name), f.read())
+    for name in PLOTS - set(images):  # a plot of a stage since redone (or gone) would show old results
+        storage.remove(storage.join(run_dir, name))
     storage.write_json(storage.join(run_dir, "report.json"), data)
     uri = storage.join(run_dir, "report.md")
     storage.write_text(uri, render(data, images))

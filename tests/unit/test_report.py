@@ -47,3 +47,15 @@ def test_partial_run_report(tmp_path):
     md = storage.read_bytes(write_report(str(tmp_path))).decode()
     assert "Stages complete: corpus." in md and "## Training" not in md and "## Evaluation" not in md
     assert not (tmp_path / "train_loss.png").exists()
+
+
+def test_a_redone_stage_leaves_no_old_plot_behind(tmp_path):
+    _stage(tmp_path, "corpus", {"records": 1, "hours": 0.0, "rejects": 0, "clips": {"music": {"train": 1}}})
+    _stage(tmp_path, "train", {"steps": 2, "num_workers": 1, "samples_per_s": 1.0, "first_loss": 2.0,
+                               "final_loss": 1.0, "padding_pct": 0.0, "loss_curve": [[1, 2.0], [2, 1.0]]})
+    write_report(str(tmp_path))
+    assert (tmp_path / "train_loss.png").exists()
+    storage.remove(storage.join(str(tmp_path), "train"), recursive=True)  # what `--redo train` does
+    md = storage.read_bytes(write_report(str(tmp_path))).decode()
+    assert not (tmp_path / "train_loss.png").exists() and "train_loss.png" not in md
+    assert (tmp_path / "corpus_by_domain.png").exists()
