@@ -73,7 +73,8 @@ HOW_TO_RUN = (
     "features.decode_*", "features.encoders.*.batch_size", "features.encoders.*.pool", "features.encoders.*.pool_min",
     "features.encoders.*.pool_max", "features.encoders.*.num_cpus", "features.encoders.*.num_gpus",
     "features.encoders.*.concurrent_batches", "features.encoders.*.options.threads",
-    "train.min_workers", "train.use_gpu", "train.cpus_per_worker", "train.max_failures", "train.log_every",
+    # the worker count too: training is elastic (a resumed run may have fewer workers than it started with)
+    "train.num_workers", "train.min_workers", "train.zero_stage", "train.use_gpu", "train.cpus_per_worker", "train.max_failures", "train.log_every",
     "train.torch_threads", "train.trace_samples", "train.checkpoint_every", "train.keep_checkpoints",
     "eval.backend", "eval.batch_size", "eval.concurrency", "eval.num_cpus", "eval.num_gpus", "eval.serve.*",
 )

@@ -57,6 +57,7 @@ def test_changes_reach_the_stage_and_every_stage_built_on_it(tmp_path):
         "features.encoders.1.num_cpus=0.25": set(),
         "llm.serve.num_replicas=4": set(),
         "train.checkpoint_every=7": set(),
+        "train.num_workers=4": set(),  # elastic: a resumed run may have fewer workers
         "eval.concurrency=1": set(),
         "corpus.part_rows=9": set(),
     }
