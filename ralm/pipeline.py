@@ -128,9 +128,12 @@ def config_changes(cfg: RalmConfig, run_dir: str, name: str) -> list[str]:
     if not storage.exists(uri) or not has_output(cfg, run_dir, name):
         return []
     before, now = storage.read_json(uri), stage_config(cfg, name)
-    missing = object()
-    return [f"{k}: {before.get(k, missing)!r} -> {now.get(k, missing)!r}".replace(repr(missing), "(unset)")
-            for k in sorted(set(before) | set(now)) if before.get(k, missing) != now.get(k, missing)]
+
+    def shown(settings: dict[str, Any], key: str) -> str:
+        return repr(settings[key]) if key in settings else "(unset)"
+
+    return [f"{k}: {shown(before, k)} -> {shown(now, k)}" for k in sorted(set(before) | set(now))
+            if k not in before or k not in now or before[k] != now[k]]
 
 
 def _refuse(cfg: RalmConfig, run_dir: str, name: str, changes: list[str]) -> StageConfigChanged:
@@ -177,9 +180,10 @@ def _remove_external_shards(stage_uri: str) -> None:
     shards_dir = storage.read_json(meta_uri).get("shards_uri", "")
     if not shards_dir or shards_dir.startswith(stage_uri.rstrip("/") + "/"):
         return
-    for part in storage.ls(records.data_uri(stage_uri), "part-*.parquet"):
-        base = part.rstrip("/").rsplit("/", 1)[-1]
-        storage.remove(storage.join(shards_dir, "shard-" + base[len("part-"):-len(".parquet")] + ".tar"))
+    from ralm.features.shards import finished_shards, shard_name
+
+    for split, n in finished_shards(records.data_uri(stage_uri)):
+        storage.remove(storage.join(shards_dir, shard_name(split, n)))
 
 
 def _check_inputs(cfg: RalmConfig, run_dir: str, selected: list[str]) -> None:

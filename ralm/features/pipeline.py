@@ -24,7 +24,7 @@ from ralm import records, storage
 from ralm.audio import AudioError, load_audio
 from ralm.config import EncoderSpec, FeaturesConfig, RalmConfig
 from ralm.features.plan import ITEMSIZE, plan_shards, write_work_list
-from ralm.features.shards import INDEX_SCHEMA, ShardFile, shard_name, write_index
+from ralm.features.shards import INDEX_SCHEMA, ShardFile, finished_shards, shard_name, write_index
 
 # The encoders (torch, ~250 MB and seconds of CPU per process) are imported where they are used: the Ray
 # tasks that decode clips import this module and need neither.
@@ -58,16 +58,6 @@ def _remove_stale_temps(shards_dir: str) -> None:
     if not storage.is_remote(shards_dir):
         for uri in storage.ls(shards_dir, ".tmp-shard-*"):
             storage.remove(uri)
-
-
-def _done_shards(index_dir: str) -> set[tuple[str, int]]:
-    done = set()
-    for uri in storage.ls(index_dir, "part-*.parquet"):
-        stem = uri.rsplit("/", 1)[-1][len("part-") : -len(".parquet")]
-        split, _, n = stem.rpartition("-")
-        if n.isdigit():
-            done.add((split, int(n)))
-    return done
 
 
 # ---------------------------------------------------------------------------------------------- Ray UDFs
@@ -293,7 +283,7 @@ def run(cfg: RalmConfig, run_dir: str) -> str:
     math_ = storage_math(infos, cfg.shards.dtype, hours)
     print(_storage_lines(infos, math_, stats))
 
-    done = _done_shards(index_dir)
+    done = finished_shards(index_dir)
     meta = json.loads(json.dumps({"encoders": [i.to_dict() for i in infos], "dtype": cfg.shards.dtype,
                                   "shards_uri": shards_dir, "n_shards": n_shards}))
     meta_uri = storage.join(stage, "encoders.json")

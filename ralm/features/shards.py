@@ -51,6 +51,17 @@ def index_name(split: str, n: int) -> str:
     return f"part-{split}-{n:06d}.parquet"
 
 
+def finished_shards(index_dir: str) -> set[tuple[str, int]]:
+    """(split, n) of every shard whose index part is committed: the shards that are complete."""
+    done = set()
+    for uri in storage.ls(index_dir, "part-*.parquet"):
+        stem = uri.rsplit("/", 1)[-1][len("part-") : -len(".parquet")]
+        split, _, n = stem.rpartition("-")
+        if n.isdigit():
+            done.add((split, int(n)))
+    return done
+
+
 def member_bytes(size: int) -> int:
     """Bytes a member of `size` bytes takes in a tar: one header block plus padded data blocks."""
     return _BLOCK + _BLOCK * math.ceil(size / _BLOCK)
