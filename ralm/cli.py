@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from ralm.config import ConfigError, RalmConfig, dump_config, load_config
+from ralm.storage import StorageError
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w-]*(\.[\w-]+)*=")  # key.path=value
 
@@ -139,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 2
     try:
         return _run_command(args, cfg, run_dir)
-    except (ConfigError, FileNotFoundError, RuntimeError, ValueError, KeyError) as e:
+    except (ConfigError, FileNotFoundError, StorageError, RuntimeError, ValueError, KeyError) as e:
         if args.verbose:
             logging.getLogger("ralm").exception("ralm %s failed", args.command)
         print(f"ralm {args.command}: error: {e}", file=sys.stderr)

@@ -44,11 +44,27 @@ class RayConfig(Section):
 
 # ---------------------------------------------------------------------------------------------- corpus
 class RecipeSpec(Section):
-    name: str = Field(..., description="Registered recipe: demo, manifest, librispeech, esc50, captions")
+    name: str = Field(..., description="Registered recipe: demo, manifest, table, folder, librispeech, esc50, captions, commonvoice")
     root: str | None = Field(None, description="Folder of the dataset on disk (the demo builds its own)")
     limit: int | None = Field(None, ge=1, description="At most this many clips from this recipe")
     split: str | None = Field(None, description="Force every clip of this recipe into this split")
     options: dict[str, Any] = Field(default_factory=dict, description="Recipe-specific options")
+
+    @model_validator(mode="after")
+    def _known_recipe_and_options(self) -> RecipeSpec:
+        # Checked here, so a typo stops `ralm run` before Ray starts rather than inside the corpus stage.
+        from ralm.corpus.recipes import get_recipe
+
+        try:
+            recipe = get_recipe(self.name)
+        except KeyError as e:
+            raise ValueError(e.args[0]) from None
+        if self.root is None and self.name != "demo":  # only the demo makes its own files
+            raise ValueError(f"recipe {self.name!r} needs a root folder (root: /path/to/the/dataset)")
+        check = getattr(recipe, "configured", None)
+        if check is not None:
+            check(self.options)
+        return self
 
 
 class CorpusConfig(Section):

@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import glob as pyglob
 import json
 import os
+import posixpath
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
 
 _S3_OPTIONS: dict[str, Any] = {}
+
+
+class StorageError(OSError):
+    """The store itself failed (an endpoint that does not answer, no or wrong credentials): not a file's
+    fault, so never a reject row, which a rerun would skip. A Ray task that meets it marks its rows
+    `UNREACHABLE` (s3fs has already retried); the driver stops the stage with this error after committing
+    what is done, and a rerun once the store is back resumes."""
+
+
+UNREACHABLE = "store_unreachable"  # a row's error when its store failed: the stage stops, nothing is rejected
 
 
 def configure(storage_cfg: Any | None) -> None:
@@ -78,8 +91,71 @@ def ls(uri: str, pattern: str = "*") -> list[str]:
     """Sorted full URIs of files matching `pattern` directly under `uri` (empty if it does not exist)."""
     fs, path = filesystem(uri)
     found = fs.glob(f"{path.rstrip('/')}/{pattern}")
-    prefix = uri.split("://", 1)[0] + "://" if is_remote(uri) else ""
-    return sorted(prefix + f if prefix and not f.startswith(prefix) else f for f in found)
+    return sorted(_with_scheme(uri, f) for f in found)
+
+
+def isdir(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    try:
+        return fs.isdir(path)
+    except Exception as e:
+        if not is_remote(uri):
+            raise
+        raise unreachable(uri, e) from e
+
+
+def unreachable(uri: str, err: Exception) -> StorageError:
+    """The error for a remote store that failed on `uri`, with what to check."""
+    if isinstance(err, PermissionError):
+        return StorageError(f"cannot read {uri}: access denied ({err}); check the credentials in the environment "
+                            "(AWS_ACCESS_KEY_ID, ...) or the instance role")
+    return StorageError(f"cannot read {uri}: {type(err).__name__}: {err} (is storage.s3_endpoint_url right, and is "
+                        "the store up?)")
+
+
+def glob(uri: str, pattern: str) -> list[str]:
+    """Sorted full URIs of files under `uri` matching `pattern` (`**` spans folders), local or remote."""
+    if not is_remote(uri):
+        return sorted(f for f in pyglob.glob(os.path.join(uri, pattern), recursive=True) if os.path.isfile(f))
+    fs, path = filesystem(uri)
+    found = [f for f in fs.glob(f"{path.rstrip('/')}/{pattern}") if not fs.isdir(f)]
+    return sorted(_with_scheme(uri, f) for f in found)
+
+
+def walk(uri: str) -> Iterator[tuple[str, list[str]]]:
+    """(folder URI, sorted file names in it) for `uri` and every folder below it, in a stable order; hidden
+    folders are skipped. Local trees are streamed folder by folder."""
+    fs, path = filesystem(uri)
+    walker = os.walk(path) if not is_remote(uri) else fs.walk(path, topdown=True)
+    for folder, dirs, files in walker:
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        yield _with_scheme(uri, folder), sorted(files)
+
+
+def resolve(base: str, rel: str) -> str:
+    """`rel` (a path from a manifest) against the folder `base`; absolute paths and URIs are kept."""
+    if "://" in rel:
+        return rel
+    if is_remote(base):
+        scheme, path = base.split("://", 1)
+        return f"{scheme}://{posixpath.normpath(posixpath.join(path, rel))}"
+    return os.path.normpath(os.path.join(base, rel))
+
+
+def relative(uri: str, root: str) -> str:
+    """`uri`'s path below `root` (the same for a tree on disk and its copy on S3); the whole URI if outside."""
+    if not is_remote(root):
+        return uri if is_remote(uri) else os.path.relpath(uri, root)
+    prefix = root.rstrip("/") + "/"
+    return uri[len(prefix):] if uri.startswith(prefix) else uri
+
+
+def _with_scheme(uri: str, path: str) -> str:
+    """fsspec answers remote paths without their scheme (`bucket/key`): give it back."""
+    if not is_remote(uri):
+        return path
+    prefix = uri.split("://", 1)[0] + "://"
+    return path if path.startswith(prefix) else prefix + path
 
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:

@@ -73,3 +73,43 @@ def manifest(root: Path) -> Path:
     text = "\n".join(json.dumps(r) for r in rows) + '\n{"audio": "a.wav", "domain": \n'
     (root / "manifest.jsonl").write_text(text)
     return root
+
+
+def commonvoice(root: Path) -> Path:
+    """One Common Voice language folder: {train,dev,test}.tsv + clips/*.mp3; a sentence with a bare quote."""
+    head = "client_id\tpath\tsentence\tup_votes\tdown_votes\tage\tgender\taccents\tlocale"
+    rows = {"train": [], "dev": [], "test": []}
+    for i, (split, gender) in enumerate((("train", "male_masculine"), ("dev", "female_feminine"),
+                                         ("test", "do_not_wish_to_say"))):
+        _tone(root / "clips" / f"cv_{i}.mp3", seconds=1.5, freq=180 + 60 * i)
+        rows[split].append(f"c{i}\tcv_{i}.mp3\tHe said \"yes {i}.\tyes\t0\ttwenties\t{gender}\tIndia\ten")
+    _plant_bad(root / "clips" / "bad.mp3", root / "clips" / "empty.mp3", root / "clips" / "zero.mp3")
+    rows["train"] += [f"x\t{n}.mp3\tSomething.\t1\t0\t\t\t\ten" for n in ("bad", "empty", "zero")]
+    rows["train"].append("y\tshort.mp3\tToo few columns")  # malformed
+    for split, lines in rows.items():
+        (root / f"{split}.tsv").write_text("\n".join([head, *lines]) + "\n")
+    return root
+
+
+def ljspeech(root: Path) -> Path:
+    """LJSpeech-like: a headerless `id|text|normalized text` metadata.csv (a text with a bare quote) + wavs/."""
+    lines = []
+    for i in range(2):
+        _tone(root / "wavs" / f"LJ001-000{i}.wav", seconds=1.0 + i, freq=300 + 100 * i)
+        lines.append(f'LJ001-000{i}|"Printing {i}, in the only sense|"Printing {i}, in the only sense')
+    _plant_bad(root / "wavs" / "bad.wav", root / "wavs" / "empty.wav", root / "wavs" / "zero.wav")
+    lines += [f"{n}|Text.|Text." for n in ("bad", "empty", "zero")] + ["LJ009-0001|only two fields"]
+    (root / "metadata.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def folder(root: Path) -> Path:
+    """Audio in folders, no manifest: split folders, label folders, a transcript beside one clip."""
+    _tone(root / "train" / "dog_bark" / "1.wav", seconds=1.0, freq=300)
+    _tone(root / "test" / "rain" / "2.flac", seconds=1.5, freq=500)
+    _tone(root / "note.wav", seconds=1.2, freq=700)
+    (root / "note.txt").write_text("  a spoken\nnote  \n")
+    (root / "README.md").write_text("not audio")
+    _plant_bad(root / "train" / "rain" / "bad.wav", root / "train" / "rain" / "empty.wav",
+               root / "train" / "rain" / "zero.wav")
+    return root

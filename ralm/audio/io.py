@@ -1,7 +1,7 @@
 """Decode (soundfile first; torchcodec/FFmpeg only for what soundfile can't read), mono, resample, validate.
 
 Every failure is an `AudioError` with a short machine-readable `reason` (the rejects table's reason
-column) and a human-readable message.
+column) and a human-readable message; a store that cannot be read at all is a `StorageError` instead.
 """
 
 from __future__ import annotations
@@ -9,12 +9,17 @@ from __future__ import annotations
 import io
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import soundfile as sf
 
 from ralm import storage
+from ralm.storage import StorageError
+
+__all__ = ["AudioError", "AudioInfo", "StorageError", "decode", "load_audio", "probe", "resample", "validate"]
 
 
 class AudioError(ValueError):
@@ -35,19 +40,26 @@ class AudioInfo:
         return self.frames / self.sample_rate if self.sample_rate else 0.0
 
 
-def _open_bytes(uri: str) -> bytes:
+def _from_store(uri: str, read: Callable[[], Any]) -> Any:
     try:
-        return storage.read_bytes(uri)
-    except FileNotFoundError:
+        return read()
+    except (FileNotFoundError, IsADirectoryError):
         raise AudioError("missing", f"{uri} does not exist") from None
+    except Exception as e:
+        if storage.is_remote(uri):  # the store, not the clip
+            raise storage.unreachable(uri, e) from e
+        if isinstance(e, PermissionError):  # one local file's mode: that file's problem
+            raise AudioError("unreadable", f"{uri}: permission denied") from None
+        raise
+
+
+def _open_bytes(uri: str) -> bytes:
+    return _from_store(uri, lambda: storage.read_bytes(uri))
 
 
 def _size_bytes(uri: str) -> int:
     fs, path = storage.filesystem(uri)
-    try:
-        return int(fs.size(path))
-    except FileNotFoundError:
-        raise AudioError("missing", f"{uri} does not exist") from None
+    return int(_from_store(uri, lambda: fs.size(path)))
 
 
 def probe(uri: str, max_file_mb: float | None = None) -> AudioInfo:

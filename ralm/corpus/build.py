@@ -22,8 +22,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ralm import records, storage
-from ralm.audio.io import AudioError, decode, probe, validate
-from ralm.config import CorpusConfig, RalmConfig
+from ralm.audio.io import AudioError, StorageError, decode, probe, validate
+from ralm.config import CorpusConfig, RalmConfig, StorageConfig
 from ralm.corpus.prompts import template_prompts
 from ralm.corpus.recipes import BadRow, RawClip, get_recipe
 from ralm.corpus.surrogate import Segment, format_surrogate
@@ -55,6 +55,8 @@ def check_clip(clip: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
                             silence_dbfs=cfg["silence_dbfs"], uri=clip["audio_uri"])
     except AudioError as e:
         return {"reject": records.reject(clip["id"], STAGE, e.reason, e.detail, clip["source"], clip["audio_uri"])}
+    except StorageError as e:  # the store, not the clip: the driver stops the stage, nothing is rejected
+        return {"unreachable": str(e)}
     except Exception as e:  # an unexpected decoder failure is still just this clip's problem
         return {"reject": records.reject(clip["id"], STAGE, "corrupt", f"{type(e).__name__}: {e}",
                                          clip["source"], clip["audio_uri"])}
@@ -74,7 +76,8 @@ def check_clip(clip: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
     return {"record": record}
 
 
-def _check_batch(batch: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+def _check_batch(batch: dict[str, Any], cfg: dict[str, Any], storage_cfg: StorageConfig) -> dict[str, Any]:
+    storage.configure(storage_cfg)  # the worker reads audio from the run's store (endpoint, region)
     out = [json.dumps(check_clip(json.loads(c), cfg)) for c in batch["clip"]]
     return {"result": out}
 
@@ -83,9 +86,7 @@ def scan(cfg: RalmConfig, run_dir: str) -> Iterator[RawClip | BadRow]:
     for spec in cfg.corpus.recipes:
         recipe = get_recipe(spec.name)
         root = spec.root
-        if root is None:
-            if spec.name != "demo":
-                raise ValueError(f"corpus.recipes: recipe {spec.name!r} needs a root folder")
+        if root is None:  # only the demo may leave it out (checked by the config): it makes its own files
             root = cfg.corpus.assets_dir or os.path.join(run_dir, "assets", "demo")
         count = 0
         for item in recipe.scan(root, spec.options):
@@ -152,11 +153,14 @@ def run(cfg: RalmConfig, run_dir: str | None = None, progress: bool = True) -> s
             if not todo:
                 continue
             ds = ray.data.from_items(todo).map_batches(
-                _check_batch, fn_kwargs={"cfg": check_cfg}, batch_size=cfg.corpus.batch_size, num_cpus=0.5,
+                _check_batch, fn_kwargs={"cfg": check_cfg, "storage_cfg": cfg.storage},
+                batch_size=cfg.corpus.batch_size, num_cpus=0.5,
             )
             for batch in ds.iter_batches(batch_size=cfg.corpus.batch_size):
                 for res in batch["result"]:
                     res = json.loads(res)
+                    if "unreachable" in res:  # what is committed stays; a rerun resumes from there
+                        raise StorageError(res["unreachable"])
                     if "record" in res:
                         data_w.add(res["record"])
                     else:

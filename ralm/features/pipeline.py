@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ralm import records, storage
-from ralm.audio import AudioError, load_audio
-from ralm.config import EncoderSpec, FeaturesConfig, RalmConfig
+from ralm.audio import AudioError, StorageError, load_audio
+from ralm.config import EncoderSpec, FeaturesConfig, RalmConfig, StorageConfig
 from ralm.features.plan import ITEMSIZE, plan_shards, write_work_list
 from ralm.features.shards import INDEX_SCHEMA, ShardFile, finished_shards, shard_name, write_index
 
@@ -61,8 +61,11 @@ def _remove_stale_temps(shards_dir: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- Ray UDFs
-def decode_batch(batch: dict[str, np.ndarray], sample_rates: list[int]) -> dict[str, np.ndarray]:
+def decode_batch(batch: dict[str, np.ndarray], sample_rates: list[int],
+                 storage_cfg: StorageConfig | None = None) -> dict[str, np.ndarray]:
     """Decode + resample each clip once per needed rate; a failure becomes an `error` (reason) on the row."""
+    if storage_cfg is not None:  # the worker reads audio from the run's store (endpoint, region)
+        storage.configure(storage_cfg)
     n = len(batch["clip_id"])
     wavs: dict[int, list[np.ndarray]] = {sr: [] for sr in sample_rates}
     errors, details, seconds = [], [], []
@@ -83,6 +86,8 @@ def decode_batch(batch: dict[str, np.ndarray], sample_rates: list[int]) -> dict[
             secs = len(out[sample_rates[0]]) / sample_rates[0]
         except AudioError as e:
             err, detail = e.reason, e.detail
+        except StorageError as e:  # the store, not the clip: the driver stops the stage, nothing is rejected
+            err, detail = storage.UNREACHABLE, str(e)
         except Exception as e:  # anything else a decoder throws: still one reject, the job goes on
             err, detail = "decode_error", f"{uri}: {type(e).__name__}: {e}"
         for sr in sample_rates:
@@ -169,7 +174,7 @@ class EncoderActor:
     with each in turn."""
 
     def __init__(self, specs: list[dict[str, Any]], dtype: str, threads: int, drop: list[str] | None = None,
-                 decode_rates: list[int] | None = None):
+                 decode_rates: list[int] | None = None, storage_cfg: StorageConfig | None = None):
         import torch
 
         from ralm.encoders import build_encoder
@@ -179,6 +184,8 @@ class EncoderActor:
         self.dtype = np.dtype(dtype)
         self.drop = list(drop or [])  # the last pool drops the waveforms: no extra Ray Data operator for it
         self.decode_rates = list(decode_rates or [])  # set: this actor decodes its work-list rows first
+        if storage_cfg is not None:
+            storage.configure(storage_cfg)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.decode_rates:
@@ -240,8 +247,8 @@ def build_dataset(cfg: RalmConfig, work_parts: list[str]) -> Any:
     pools = encoder_pools(cfg.features.encoders)
     in_actor = decode_in_actor(cfg.features, pools)
     if not in_actor:
-        ds = ds.map_batches(decode_batch, fn_kwargs={"sample_rates": rates}, batch_format="numpy",
-                            batch_size=decode_bs, num_cpus=cfg.features.decode_num_cpus,
+        ds = ds.map_batches(decode_batch, fn_kwargs={"sample_rates": rates, "storage_cfg": cfg.storage},
+                            batch_format="numpy", batch_size=decode_bs, num_cpus=cfg.features.decode_num_cpus,
                             compute=ray.data.TaskPoolStrategy(size=cfg.features.decode_concurrency))
     for k, pool in enumerate(pools):
         ds = ds.map_batches(
@@ -249,7 +256,8 @@ def build_dataset(cfg: RalmConfig, work_parts: list[str]) -> Any:
             fn_constructor_kwargs={"specs": [s.model_dump(mode="json") for s in pool.specs],
                                    "dtype": cfg.shards.dtype, "threads": pool.threads,
                                    "drop": [f"wav_{sr}" for sr in rates] if k == len(pools) - 1 else [],
-                                   "decode_rates": rates if in_actor and k == 0 else None},
+                                   "decode_rates": rates if in_actor and k == 0 else None,
+                                   "storage_cfg": cfg.storage},
             compute=_actor_pool_strategy(pool),
             batch_size=pool.batch_size, batch_format="numpy", num_cpus=pool.num_cpus, num_gpus=pool.num_gpus,
         )
@@ -345,6 +353,8 @@ def _write_shards(ds: Any, shards_dir: str, index_dir: str, rejects_dir: str, en
                     finish()
                     current = (split, n)
                     shard = ShardFile(storage.join(shards_dir, shard_name(split, n)), dtype)
+                if batch["error"][i] == storage.UNREACHABLE:  # finished shards stay; a rerun resumes
+                    raise StorageError(str(batch["detail"][i]))
                 if batch["error"][i]:
                     src = batch["source"][i]
                     rejects.add(records.reject(clip, STAGE, str(batch["error"][i]), str(batch["detail"][i]),

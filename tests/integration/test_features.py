@@ -280,3 +280,27 @@ def test_run_dir_on_s3(local_run, s3_bucket, s3_server):
     assert remote_stage.startswith("s3://") and records.is_complete(remote_stage)
     assert _bytes(sh.list_shards(remote_stage)) == _bytes(sh.list_shards(stage))
     assert [r["id"] for r in records.read_rejects(remote_stage)] == ["corrupt"]
+
+
+def test_a_store_that_is_down_stops_the_stage_and_rejects_nothing(local_run, tmp_path, monkeypatch):
+    """Clips whose store does not answer are not bad clips: the stage stops with the store's error and keeps
+    no reject for them (a rerun would skip those for good)."""
+    import shutil
+
+    monkeypatch.delenv("RALM_S3_ENDPOINT_URL", raising=False)  # restored after the test: the dead endpoint goes
+
+    run_dir, stage = local_run
+    run2 = str(tmp_path / "run")
+    shutil.copytree(f"{run_dir}/corpus", f"{run2}/corpus")
+    rows = records.read_records(records.data_uri(f"{run2}/corpus"))
+    for part in records.part_uris(records.data_uri(f"{run2}/corpus")):
+        os.remove(part)
+    with records.PartWriter(records.data_uri(f"{run2}/corpus")) as w:  # one clip now lives on a store that is down
+        w.extend([r | {"audio_uri": "s3://down/tone880.wav"} if r["id"] == "tone880" else r for r in rows])
+    cfg = _cfg()
+    cfg.storage.s3_endpoint_url = "http://127.0.0.1:9"
+    with pytest.raises(storage.StorageError, match="cannot read s3://down/tone880.wav"):
+        pipeline.run(cfg, run2)
+    assert "tone880" not in {r["id"] for r in records.read_rejects(f"{run2}/features")}
+    assert not records.is_complete(f"{run2}/features")
+    storage.configure(None)

@@ -93,3 +93,41 @@ def test_too_large_file_refused_unread(write_wav):
 def test_resample_identity():
     x = np.random.default_rng(0).standard_normal(100).astype(np.float32)
     assert resample(x, 16000, 16000) is x or np.array_equal(resample(x, 16000, 16000), x)
+
+
+@pytest.fixture
+def dead_store(monkeypatch):
+    """S3 settings pointing at a port nothing listens on (the store is down, or the endpoint is wrong)."""
+    from ralm import storage
+    from ralm.config import StorageConfig
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.delenv("RALM_S3_ENDPOINT_URL", raising=False)
+    storage.configure(StorageConfig(s3_endpoint_url="http://127.0.0.1:9"))
+    yield
+    monkeypatch.delenv("RALM_S3_ENDPOINT_URL", raising=False)
+    storage.configure(None)
+
+
+def test_a_store_that_cannot_be_read_is_an_error_not_a_reject(dead_store, tmp_path):
+    """A clip whose store is down is not a bad clip: no reject row (a rerun would skip it for good); the
+    Ray task marks it unreachable, for the driver to stop the stage, and the message says where to look."""
+    from ralm import storage
+    from ralm.audio import StorageError
+    from ralm.corpus.build import check_clip
+    from ralm.features.pipeline import decode_batch
+
+    with pytest.raises(StorageError, match=r"cannot read s3://bucket/a.wav: .*s3_endpoint_url"):
+        probe("s3://bucket/a.wav")
+    cfg = {"max_file_mb": 10, "max_seconds": 60, "min_seconds": 0.1, "silence_dbfs": -60, "seed": 0}
+    clip = {"id": "a", "source": "s", "audio_uri": "s3://bucket/a.wav", "offset_s": 0.0, "duration_s": None,
+            "segments": None, "transcript": None, "caption": None, "metadata": {}, "domain": "sound", "split": "train"}
+    assert set(check_clip(clip, cfg)) == {"unreachable"}
+    batch = {"clip_id": np.array(["a"], dtype=object), "audio_uri": np.array(["s3://bucket/a.wav"], dtype=object),
+             "offset_s": np.array([0.0]), "duration_s": np.array([np.nan])}
+    out = decode_batch(batch, [16000])
+    assert list(out["error"]) == [storage.UNREACHABLE] and "EndpointConnectionError" in out["detail"][0]
+    # The same clip missing from a local disk is the clip's problem: a reject with its reason.
+    local = check_clip(clip | {"audio_uri": str(tmp_path / "gone.wav")}, cfg)
+    assert local["reject"]["reason"] == "missing"

@@ -39,8 +39,9 @@ def test_unknown_stage_in_run(capsys):
 
 
 def test_missing_recipe_root_is_a_clear_error(tmp_path, capsys):
+    """Found when the config loads (exit 2, like any invalid config), before Ray starts."""
     rc = main(["corpus", "build", "--run-dir", str(tmp_path), "corpus.recipes=[{name: esc50}]"])
-    assert rc == 1 and "needs a root folder" in capsys.readouterr().err
+    assert rc == 2 and "corpus.recipes.0: Value error, recipe 'esc50' needs a root folder" in capsys.readouterr().err
 
 
 def _probe_stage(cfg, run_dir):  # a stage that reports the run dir it was given

@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
-from ralm.corpus.recipes.base import RawClip, Row, TableRecipe, register_recipe
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from ralm import storage
+from ralm.corpus.recipes.base import (
+    SPLIT_ALIASES,
+    BadRow,
+    RawClip,
+    Row,
+    TableRecipe,
+    recipe_root,
+    register_recipe,
+)
+from ralm.records import DOMAINS
 
 
 def _first(*columns: str):  # type: ignore[no-untyped-def]
@@ -19,7 +33,8 @@ MANIFEST = register_recipe(
         manifest="manifest.jsonl",
         reader="jsonl",
         audio="{audio}",
-        domain="domain",
+        domain=None,
+        domain_column="domain",
         transcript="transcript",
         caption="caption",
         segments="segments",
@@ -68,6 +83,86 @@ CAPTIONS = register_recipe(
         caption=_first("caption", "caption_1", "caption_2", "caption_3", "caption_4", "caption_5"),
     )
 )
+
+
+# Any table, declared in the config: `options` name the manifest, the audio path and the columns (see README).
+TABLE = register_recipe(TableRecipe(name="table", manifest=None, reader=None, audio=None, domain=None))
+
+
+def _commonvoice_gender(row: Row) -> str | None:
+    """Common Voice spells it male / female (before v17) or male_masculine / female_feminine; other answers
+    (including 'do_not_wish_to_say') are no fact about the voice."""
+    value = (row.get("gender") or "").split("_")[0]
+    return value if value in ("male", "female") else None
+
+
+# Common Voice: <root> = one language folder, {train,dev,test}.tsv (client_id, path, sentence, ..., age, gender,
+# accents, locale) and clips/*.mp3; the file is the split.
+COMMONVOICE = register_recipe(
+    TableRecipe(
+        name="commonvoice",
+        manifest=("train.tsv", "dev.tsv", "test.tsv"),
+        reader="tsv",
+        audio="clips/{path}",
+        domain=lambda row: "speech",
+        transcript="sentence",
+        split_from_file=True,
+        metadata={"gender": _commonvoice_gender, "age": "age", "accent": _first("accents", "accent"),
+                  "language": "locale"},
+    )
+)
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".webm", ".aiff", ".aif")
+
+
+class FolderRecipe:
+    """Audio files in a folder tree, no manifest. A folder named like a split (train, dev, validation, test...)
+    gives the split; the innermost other folder gives `metadata.label` (`<root>/dog/1.wav` -> label "dog");
+    a `.txt` or `.lab` file beside a clip with the same name is its transcript.
+    Options: `domain` (required: one of DOMAINS), `extensions`, `label` (false: no label from folders)."""
+
+    name = "folder"
+    OPTIONS = {"domain": str, "extensions": list, "label": bool}
+
+    def configured(self, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        opts = dict(options or {})
+        unknown = sorted(set(opts) - set(self.OPTIONS))
+        if unknown:
+            raise ValueError(f"recipe folder: unknown options {unknown}; it takes {sorted(self.OPTIONS)}")
+        if opts.get("domain") not in DOMAINS:
+            raise ValueError(f"recipe folder: options.domain must be one of {DOMAINS} (got {opts.get('domain')!r})")
+        exts = opts.get("extensions", AUDIO_EXTENSIONS)
+        return {"domain": opts["domain"], "label": opts.get("label", True),
+                "extensions": tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in exts)}
+
+    def scan(self, root: str, options: Mapping[str, Any] | None = None) -> Iterator[RawClip | BadRow]:
+        opts = self.configured(options)
+        root = recipe_root(self.name, root)
+        for folder, files in storage.walk(root):
+            present = set(files)
+            for name in files:
+                stem, ext = os.path.splitext(name)
+                if name.startswith(".") or ext.lower() not in opts["extensions"]:
+                    continue
+                path = storage.join(folder, name)
+                rel = storage.relative(path, root)
+                folders = rel.split("/")[:-1]
+                splits = [SPLIT_ALIASES[f.lower()] for f in folders if f.lower() in SPLIT_ALIASES]
+                labels = [f for f in folders if f.lower() not in SPLIT_ALIASES]
+                metadata = {"label": labels[-1].replace("_", " ")} if labels and opts["label"] else {}
+                sidecar = next((stem + e for e in (".txt", ".lab") if stem + e in present), None)
+                transcript = _sidecar_text(storage.join(folder, sidecar)) if sidecar else None
+                if transcript:
+                    metadata["transcript"] = transcript
+                yield RawClip(source=self.name, rel_path=rel, audio_uri=path, domain=opts["domain"],
+                              transcript=transcript, metadata=metadata, split=splits[-1] if splits else None)
+
+
+def _sidecar_text(uri: str) -> str | None:
+    return " ".join(storage.read_bytes(uri).decode("utf-8", errors="replace").split()) or None
+
+
+register_recipe(FolderRecipe())  # type: ignore[arg-type]
 
 
 class DemoRecipe:
