@@ -128,8 +128,12 @@ def test_folder_layout_split_label_and_sidecar_transcript(tmp_path):
     note = by_path["note.wav"]
     assert note.transcript == "a spoken note" and note.split is None and "label" not in note.metadata
     assert not bad
-    unlabelled, _ = _scan("folder", tmp_path, {"domain": "sound", "label": False, "extensions": ["flac"]})
+    unlabelled, _ = _scan("folder", tmp_path, {"domain": "sound", "label": "none", "extensions": ["flac"]})
     assert [(c.rel_path, c.metadata) for c in unlabelled] == [("test/rain/2.flac", {})]
+    by_name, _ = _scan("folder", tmp_path, {"domain": "sound", "label": "stem", "extensions": ["wav"]})
+    assert {c.rel_path: c.metadata["label"] for c in by_name}["train/rain/empty.wav"] == "empty"
+    with pytest.raises(ValueError, match="options.label must be one of"):
+        list(get_recipe("folder").scan(str(tmp_path), {"domain": "sound", "label": True}))
     with pytest.raises(ValueError, match="options.domain must be one of"):
         list(get_recipe("folder").scan(str(tmp_path)))
 

@@ -112,17 +112,20 @@ COMMONVOICE = register_recipe(
     )
 )
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".webm", ".aiff", ".aif")
+AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".webm", ".mka", ".aiff",
+                    ".aif", ".au", ".snd", ".caf", ".w64", ".wv", ".amr")
 
 
 class FolderRecipe:
     """Audio files in a folder tree, no manifest. A folder named like a split (train, dev, validation, test...)
-    gives the split; the innermost other folder gives `metadata.label` (`<root>/dog/1.wav` -> label "dog");
+    gives the split; the innermost other folder gives `metadata.label` (`<root>/dog/1.wav` -> label "dog"),
+    or with `label: stem` the file's name (`<root>/stereo/door-bell.oga` -> "door bell"), `label: none` no label;
     a `.txt` or `.lab` file beside a clip with the same name is its transcript.
-    Options: `domain` (required: one of DOMAINS), `extensions`, `label` (false: no label from folders)."""
+    Options: `domain` (required: one of DOMAINS), `extensions`, `label` (folder, stem or none)."""
 
     name = "folder"
-    OPTIONS = {"domain": str, "extensions": list, "label": bool}
+    OPTIONS = {"domain": str, "extensions": list, "label": str}
+    LABELS = ("folder", "stem", "none")
 
     def configured(self, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
         opts = dict(options or {})
@@ -132,7 +135,14 @@ class FolderRecipe:
         if opts.get("domain") not in DOMAINS:
             raise ValueError(f"recipe folder: options.domain must be one of {DOMAINS} (got {opts.get('domain')!r})")
         exts = opts.get("extensions", AUDIO_EXTENSIONS)
-        return {"domain": opts["domain"], "label": opts.get("label", True),
+        for key, value in opts.items():
+            if not isinstance(value, self.OPTIONS[key]) or (key == "extensions" and
+                                                            not all(isinstance(e, str) for e in value)):
+                raise ValueError(f"recipe folder: option {key} = {value!r} has the wrong type")
+        label = opts.get("label", "folder")
+        if label not in self.LABELS:
+            raise ValueError(f"recipe folder: options.label must be one of {self.LABELS} (got {label!r})")
+        return {"domain": opts["domain"], "label": label,
                 "extensions": tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in exts)}
 
     def scan(self, root: str, options: Mapping[str, Any] | None = None) -> Iterator[RawClip | BadRow]:
@@ -149,7 +159,8 @@ class FolderRecipe:
                 folders = rel.split("/")[:-1]
                 splits = [SPLIT_ALIASES[f.lower()] for f in folders if f.lower() in SPLIT_ALIASES]
                 labels = [f for f in folders if f.lower() not in SPLIT_ALIASES]
-                metadata = {"label": labels[-1].replace("_", " ")} if labels and opts["label"] else {}
+                label = {"folder": labels[-1] if labels else None, "stem": stem, "none": None}[opts["label"]]
+                metadata = {"label": " ".join(label.replace("_", " ").replace("-", " ").split())} if label else {}
                 sidecar = next((stem + e for e in (".txt", ".lab") if stem + e in present), None)
                 transcript = _sidecar_text(storage.join(folder, sidecar)) if sidecar else None
                 if transcript:
