@@ -185,6 +185,13 @@ def put_file_atomic(local_path: str, uri: str) -> None:
     os.replace(local_path, path)
 
 
+def open_text(uri: str) -> Any:
+    """A text file opened for streaming, local or remote: UTF-8 (a byte-order mark, as spreadsheets write,
+    is dropped), undecodable bytes replaced, newlines kept for the csv module."""
+    fs, path = filesystem(uri)
+    return fs.open(path, "rt", encoding="utf-8-sig", errors="replace", newline="")
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     with fs.open(path, "rb") as f:

@@ -133,7 +133,7 @@ def test_folder_layout_split_label_and_sidecar_transcript(tmp_path):
     by_name, _ = _scan("folder", tmp_path, {"domain": "sound", "label": "stem", "extensions": ["wav"]})
     assert {c.rel_path: c.metadata["label"] for c in by_name}["train/rain/empty.wav"] == "empty"
     with pytest.raises(ValueError, match="options.label must be one of"):
-        list(get_recipe("folder").scan(str(tmp_path), {"domain": "sound", "label": True}))
+        list(get_recipe("folder").scan(str(tmp_path), {"domain": "sound", "label": "parent"}))
     with pytest.raises(ValueError, match="options.domain must be one of"):
         list(get_recipe("folder").scan(str(tmp_path)))
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import csv
-import io
+import itertools
 import json
 import os
 import posixpath
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -48,10 +48,10 @@ Row = dict[str, Any]
 Reader = Callable[..., Iterator[tuple[int, Row | Exception]]]
 
 
-def read_csv(text: str, delimiter: str = ",", columns: list[str] | None = None,
+def read_csv(lines: Iterable[str], delimiter: str = ",", columns: list[str] | None = None,
              quoting: int = csv.QUOTE_MINIMAL) -> Iterator[tuple[int, Row | Exception]]:
     """A delimited table with a header row, or headerless with `columns` naming the fields."""
-    reader = csv.DictReader(io.StringIO(text), fieldnames=columns, delimiter=delimiter, quoting=quoting)
+    reader = csv.DictReader(lines, fieldnames=columns, delimiter=delimiter, quoting=quoting)
     first = 1 if columns else 2  # the line number of the first data row
     try:
         for i, row in enumerate(reader, start=first):
@@ -63,15 +63,18 @@ def read_csv(text: str, delimiter: str = ",", columns: list[str] | None = None,
         yield reader.line_num, ValueError(f"not a valid table from here on: {e}")
 
 
-def read_tsv(text: str, delimiter: str = "\t", columns: list[str] | None = None,
+def read_tsv(lines: Iterable[str], delimiter: str = "\t", columns: list[str] | None = None,
              quoting: int = csv.QUOTE_NONE) -> Iterator[tuple[int, Row | Exception]]:
     """Tab-separated (Common Voice): quotes are text, not quoting."""
-    return read_csv(text, delimiter=delimiter, columns=columns, quoting=quoting)
+    return read_csv(lines, delimiter=delimiter, columns=columns, quoting=quoting)
 
 
-def read_jsonl(text: str) -> Iterator[tuple[int, Row | Exception]]:
+def read_jsonl(lines: Iterable[str]) -> Iterator[tuple[int, Row | Exception]]:
     """JSON lines; a file holding one JSON list of objects is read too (its items numbered from 1)."""
-    if text.lstrip().startswith("["):
+    rest = iter(lines)
+    first = next(rest, "")
+    if first.lstrip().startswith("["):  # one JSON document: it has to be read whole
+        text = first + "".join(rest)
         try:
             items = json.loads(text)
         except json.JSONDecodeError:
@@ -80,7 +83,8 @@ def read_jsonl(text: str) -> Iterator[tuple[int, Row | Exception]]:
             for i, obj in enumerate(items, start=1):
                 yield i, obj if isinstance(obj, dict) else ValueError("an item must be a JSON object")
             return
-    for i, line in enumerate(text.splitlines(), start=1):
+        rest = iter(text.splitlines()[1:])
+    for i, line in enumerate(itertools.chain([first], rest), start=1):
         if not line.strip():
             continue
         try:
@@ -91,9 +95,9 @@ def read_jsonl(text: str) -> Iterator[tuple[int, Row | Exception]]:
         yield i, obj if isinstance(obj, dict) else ValueError("a line must hold a JSON object")
 
 
-def read_id_text(text: str) -> Iterator[tuple[int, Row | Exception]]:
+def read_id_text(lines: Iterable[str]) -> Iterator[tuple[int, Row | Exception]]:
     """LibriSpeech `*.trans.txt`: `<utterance-id> <TRANSCRIPT>` per line."""
-    for i, line in enumerate(text.splitlines(), start=1):
+    for i, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         parts = line.strip().split(maxsplit=1)
@@ -207,7 +211,7 @@ class TableRecipe:
         if self.audio_base not in ("manifest", "root"):
             raise ValueError(f"{where}: audio_base must be 'manifest' or 'root', not {self.audio_base!r}")
 
-    def _reader(self, manifest: str) -> Callable[[str], Iterator[tuple[int, Row | Exception]]]:
+    def _reader(self, manifest: str) -> Callable[[Iterable[str]], Iterator[tuple[int, Row | Exception]]]:
         name = self.reader or READER_BY_SUFFIX.get(os.path.splitext(manifest)[1].lower())
         if name is None:
             raise ValueError(f"recipe {self.name}: cannot tell how to read {manifest}; set options.reader "
@@ -219,7 +223,7 @@ class TableRecipe:
             kwargs["delimiter"] = self.delimiter.encode().decode("unicode_escape")  # "\t" in YAML means a tab
         if self.quotes is not None:
             kwargs["quoting"] = csv.QUOTE_MINIMAL if self.quotes else csv.QUOTE_NONE
-        return lambda text: READERS[name](text, **kwargs)
+        return lambda lines: READERS[name](lines, **kwargs)
 
     def scan(self, root: str, options: Mapping[str, Any] | None = None) -> Iterator[RawClip | BadRow]:
         recipe = self.configured(options)
@@ -230,18 +234,19 @@ class TableRecipe:
             raise FileNotFoundError(f"recipe {self.name}: no manifest matching {list(globs)} under {root}")
         for manifest in manifests:
             read = recipe._reader(manifest)
-            text = storage.read_bytes(manifest).decode("utf-8-sig", errors="replace")  # -sig: Excel's BOM
             base = posixpath.dirname(manifest) if recipe.audio_base == "manifest" else root
             file_split = posixpath.basename(manifest).split(".")[0] if recipe.split_from_file else None
-            for line, row in read(text):
-                where = f"{storage.relative(manifest, root)}:{line}"
-                if isinstance(row, Exception):
-                    yield BadRow(self.name, where, "malformed_row", f"{where}: {row}")
-                    continue
-                try:
-                    yield recipe._clip(row, root, base, file_split)
-                except (KeyError, ValueError, TypeError) as e:
-                    yield BadRow(self.name, where, "malformed_row", f"{where}: {type(e).__name__}: {e}")
+            # Streamed line by line: a corpus manifest of millions of rows is never held whole.
+            with storage.open_text(manifest) as lines:
+                for line, row in read(lines):
+                    where = f"{storage.relative(manifest, root)}:{line}"
+                    if isinstance(row, Exception):
+                        yield BadRow(self.name, where, "malformed_row", f"{where}: {row}")
+                        continue
+                    try:
+                        yield recipe._clip(row, root, base, file_split)
+                    except (KeyError, ValueError, TypeError) as e:
+                        yield BadRow(self.name, where, "malformed_row", f"{where}: {type(e).__name__}: {e}")
 
     def _clip(self, row: Row, root: str, base: str, file_split: str | None) -> RawClip:
         assert self.audio is not None  # checked by `configured`
