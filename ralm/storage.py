@@ -118,8 +118,8 @@ def glob(uri: str, pattern: str) -> list[str]:
     if not is_remote(uri):
         return sorted(f for f in pyglob.glob(os.path.join(uri, pattern), recursive=True) if os.path.isfile(f))
     fs, path = filesystem(uri)
-    found = [f for f in fs.glob(f"{path.rstrip('/')}/{pattern}") if not fs.isdir(f)]
-    return sorted(_with_scheme(uri, f) for f in found)
+    found = fs.glob(f"{path.rstrip('/')}/{pattern}", detail=True)  # one listing, no request per file
+    return sorted(_with_scheme(uri, f) for f, info in found.items() if info.get("type") != "directory")
 
 
 def walk(uri: str) -> Iterator[tuple[str, list[str]]]:
