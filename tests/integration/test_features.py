@@ -273,7 +273,9 @@ def test_run_dir_on_s3(local_run, s3_bucket, s3_server):
     run_dir, stage = local_run
     remote_run = f"{s3_bucket}/run"
     for part in records.part_uris(records.data_uri(f"{run_dir}/corpus")):
-        storage.put_file_atomic(part, records.data_uri(f"{remote_run}/corpus") + "/" + os.path.basename(part))
+        # a copy (put_file_atomic would move the part away from the module's local run)
+        storage.write_bytes_atomic(records.data_uri(f"{remote_run}/corpus") + "/" + os.path.basename(part),
+                                   storage.read_bytes(part))
     cfg = _cfg()
     cfg.storage.s3_endpoint_url = s3_server
     remote_stage = pipeline.run(cfg, remote_run)
