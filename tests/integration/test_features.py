@@ -268,14 +268,15 @@ def test_decode_tasks_do_not_import_torch(tmp_path):
 
 
 def test_run_dir_on_s3(local_run, s3_bucket, s3_server):
-    """The whole run dir on S3 (corpus, work list, index, shards): Ray workers read the work list from
-    S3 and the shards match the local run byte for byte."""
+    """The whole run dir on S3 (corpus, work list, index, shards) and the audio too: Ray workers read the
+    work list and decode the clips from S3, and the shards match the local run byte for byte."""
     run_dir, stage = local_run
     remote_run = f"{s3_bucket}/run"
-    for part in records.part_uris(records.data_uri(f"{run_dir}/corpus")):
-        # a copy (put_file_atomic would move the part away from the module's local run)
-        storage.write_bytes_atomic(records.data_uri(f"{remote_run}/corpus") + "/" + os.path.basename(part),
-                                   storage.read_bytes(part))
+    rows = records.read_records(records.data_uri(f"{run_dir}/corpus"))
+    for uri in {r["audio_uri"] for r in rows}:
+        storage.write_bytes_atomic(f"{s3_bucket}/audio/{os.path.basename(uri)}", storage.read_bytes(uri))
+    with records.PartWriter(records.data_uri(f"{remote_run}/corpus"), part_rows=4) as w:
+        w.extend([r | {"audio_uri": f"{s3_bucket}/audio/{os.path.basename(r['audio_uri'])}"} for r in rows])
     cfg = _cfg()
     cfg.storage.s3_endpoint_url = s3_server
     remote_stage = pipeline.run(cfg, remote_run)
