@@ -6,6 +6,7 @@ import glob as pyglob
 import json
 import os
 import posixpath
+import re
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -132,9 +133,12 @@ def walk(uri: str) -> Iterator[tuple[str, list[str]]]:
         yield _with_scheme(uri, folder), sorted(files)
 
 
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
 def resolve(base: str, rel: str) -> str:
     """`rel` (a path from a manifest) against the folder `base`; absolute paths and URIs are kept."""
-    if "://" in rel:
+    if _SCHEME.match(rel):
         return rel
     if is_remote(base):
         scheme, path = base.split("://", 1)

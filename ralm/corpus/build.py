@@ -82,12 +82,15 @@ def _check_batch(batch: dict[str, Any], cfg: dict[str, Any], storage_cfg: Storag
     return {"result": out}
 
 
-def scan(cfg: RalmConfig, run_dir: str) -> Iterator[RawClip | BadRow]:
+def scan(cfg: RalmConfig, run_dir: str, found: Counter[str] | None = None) -> Iterator[RawClip | BadRow]:
+    """Every recipe's clips and bad rows, in order; `found` counts the items each recipe gave (by
+    `name at root`), so a recipe that finds nothing can be named."""
     for spec in cfg.corpus.recipes:
         recipe = get_recipe(spec.name)
         root = spec.root
         if root is None:  # only the demo may leave it out (checked by the config): it makes its own files
             root = cfg.corpus.assets_dir or os.path.join(run_dir, "assets", "demo")
+        where = f"{spec.name} at {root}"
         count = 0
         for item in recipe.scan(root, spec.options):
             if isinstance(item, RawClip):
@@ -96,7 +99,25 @@ def scan(cfg: RalmConfig, run_dir: str) -> Iterator[RawClip | BadRow]:
                 if spec.split:
                     item.split = spec.split
                 count += 1
+            if found is not None:
+                found[where] += 1
             yield item
+        if found is not None and not found[where]:
+            log.warning("corpus: recipe %s found no clips (options %s)", where, spec.options)
+            found[where] = 0
+
+
+def _no_clips_message(found: Counter[str], stage_uri: str) -> str:
+    """Why a corpus came out empty, for the error that stops the run here rather than in the next stage."""
+    empty = [where for where, n in found.items() if not n]
+    lines = [f"the corpus has no clips: every recipe's files were rejected or none were found ({stage_uri})"]
+    lines += [f"  recipe {where} found nothing (check its root, manifest glob or extensions)" for where in empty]
+    by_reason: dict[str, dict[str, Any]] = {}
+    for r in records.read_rejects(stage_uri):
+        by_reason.setdefault(r["reason"], {"n": 0, "example": r["detail"]})["n"] += 1
+    lines += [f"  {v['n']} rejected as {reason}, e.g. {v['example']}" for reason, v in
+              sorted(by_reason.items(), key=lambda kv: -kv[1]["n"])]
+    return "\n".join(lines)
 
 
 def _clip_dict(item: RawClip, cfg: CorpusConfig) -> dict[str, Any]:
@@ -128,7 +149,8 @@ def run(cfg: RalmConfig, run_dir: str | None = None, progress: bool = True) -> s
     rej_w = records.PartWriter(records.rejects_uri(stage_uri), records.REJECT_SCHEMA, part_rows=cfg.corpus.part_rows)
     check_cfg = cfg.corpus.model_dump(include={"max_file_mb", "max_seconds", "min_seconds", "silence_dbfs", "seed"})
     seen: set[str] = set()
-    pending = (item for item in scan(cfg, run_dir))
+    found: Counter[str] = Counter()
+    pending = (item for item in scan(cfg, run_dir, found))
     init_ray(cfg.ray)
     bar = tqdm(desc="corpus: checking audio", unit="clip", disable=not progress)
     with data_w, rej_w:
@@ -168,6 +190,8 @@ def run(cfg: RalmConfig, run_dir: str | None = None, progress: bool = True) -> s
                     bar.update(1)
     bar.close()
     report = write_report(stage_uri, time.time() - start)
+    if not report["records"]:  # not a finished stage: the next one would only fail less clearly
+        raise ValueError(_no_clips_message(found, stage_uri))
     records.mark_success(stage_uri, {"records": report["records"], "rejects": report["rejects"]})
     return stage_uri
 

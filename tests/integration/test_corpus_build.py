@@ -163,3 +163,19 @@ def test_a_store_that_is_down_fails_the_stage_rejects_nothing_and_a_rerun_resume
     uri = build.run(cfg(s3_server), str(run), progress=False)
     got = sorted(r["audio_uri"] for r in records.read_records(records.data_uri(uri)))
     assert got == sorted([f"{s3_bucket}/audio/up.wav", str(root / "local.wav")]) and not records.read_rejects(uri)
+
+
+def test_a_corpus_with_no_clips_stops_and_says_why(tmp_path):
+    """A recipe that finds nothing (wrong extensions) or whose every clip is rejected (a wrong audio pattern)
+    stops the corpus stage with the reason, instead of a finished empty corpus that the next stage trips on."""
+    tree = fixture_trees.esc50(tmp_path / "esc50")
+    specs = [f"{{name: folder, root: {tree}, options: {{domain: sound, extensions: [opus]}}}}",
+             f"{{name: esc50, root: {tree}, options: {{audio: 'wavs/{{filename}}'}}}}"]
+    run = tmp_path / "run"
+    cfg = load_config("demo", [f"corpus.recipes=[{', '.join(specs)}]", f"storage.run_dir={run}"])
+    with pytest.raises(ValueError, match="the corpus has no clips") as err:
+        build.run(cfg, str(run), progress=False)
+    message = str(err.value)
+    assert f"recipe folder at {tree} found nothing" in message
+    assert "6 rejected as missing, e.g. " in message and "wavs/1-0-A-0.wav does not exist" in message
+    assert not records.is_complete(str(run / "corpus"))
