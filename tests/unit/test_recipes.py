@@ -149,3 +149,14 @@ def test_config_checks_recipe_names_and_options_before_any_work():
         load_config("demo", ["corpus.recipes=[{name: esc50}]"])
     cfg = load_config("demo", ["corpus.recipes=[{name: folder, root: /data, options: {domain: speech}}]"])
     assert cfg.corpus.recipes[0].options == {"domain": "speech"}
+
+
+def test_table_rows_with_long_fields_are_read(tmp_path):
+    """A transcript over the csv module's default 128 KiB field limit is a row like any other."""
+    fixture_trees._tone(tmp_path / "a.wav")
+    fixture_trees._tone(tmp_path / "b.wav", freq=300)
+    long_text = "word " * 40_000  # ~200 KB
+    (tmp_path / "m.csv").write_text(f"file,text\na.wav,{long_text}\nb.wav,short\n")
+    clips, bad = _scan("table", tmp_path, {"manifest": "m.csv", "audio": "{file}", "domain": "speech",
+                                          "transcript": "text"})
+    assert not bad and [len(c.transcript) for c in clips] == [len(long_text.strip()), 5]

@@ -51,6 +51,7 @@ Reader = Callable[..., Iterator[tuple[int, Row | Exception]]]
 def read_csv(lines: Iterable[str], delimiter: str = ",", columns: list[str] | None = None,
              quoting: int = csv.QUOTE_MINIMAL) -> Iterator[tuple[int, Row | Exception]]:
     """A delimited table with a header row, or headerless with `columns` naming the fields."""
+    csv.field_size_limit(2**31 - 1)  # the default 128 KiB would end a table at its first long transcript
     reader = csv.DictReader(lines, fieldnames=columns, delimiter=delimiter, quoting=quoting)
     first = 1 if columns else 2  # the line number of the first data row
     try:
