@@ -13,7 +13,9 @@ optionally after system (or developer) messages, which become the prompt's syste
 without one: the adapter has not seen it, the frozen LLM has).
 Without audio the ALM answers exactly as the frozen LLM. `stream: true` answers with server-sent
 `chat.completion.chunk` events as tokens are generated (`stream_options.include_usage` adds the usage
-chunk). `stop` (a string or up to 4) ends the answer where one appears, left out of the text.
+chunk). `stop` (a string or up to 4) ends the answer where one appears, left out of the text. `n` (up to
+`MAX_CHOICES`) asks for several answers: sampled ones with seeds `seed`, `seed + 1`, ...; greedy ones
+(temperature 0) are one answer, given n times; streamed, each answer comes whole, in its own chunk.
 Concurrent requests with the same settings (max_tokens, stop, sampling, system message), streamed or not,
 are answered in one engine call (`eval.serve.max_batch_size`, `batch_wait_ms`; `GET /stats` shows the
 batches a replica ran).
@@ -31,7 +33,7 @@ import os
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -56,6 +58,7 @@ log = logging.getLogger(__name__)
 APP_NAME = "ralm-alm"
 # OpenAI's input_audio formats are wav and mp3; the others decode the same way (libsndfile, else FFmpeg).
 AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg", "opus", "m4a", "aac", "webm")
+MAX_CHOICES = 8  # `n`: each sampled choice is one more generation
 
 api = FastAPI(title="ralm ALM")
 
@@ -84,6 +87,7 @@ class ParsedRequest:
     stream: bool = False
     include_usage: bool = False
     stop: tuple[str, ...] = ()  # strings that end the answer (left out of it)
+    n: int = 1  # answers asked for
 
 
 def _text_content(content: Any, param: str) -> str:
@@ -118,8 +122,12 @@ def parse_request(body: Any, max_audio_bytes: int, max_new_tokens: int) -> Parse
     unsupported = unsupported_options(body)
     if unsupported:
         raise RequestError(400, unsupported_message(unsupported), "unsupported", unsupported[0])
-    if int(body.get("n") or 1) != 1:
-        raise RequestError(400, "n must be 1", "unsupported", "n")
+    try:
+        n = int(body.get("n") or 1)
+    except (TypeError, ValueError):
+        n = 0
+    if not 1 <= n <= MAX_CHOICES:
+        raise RequestError(400, f"n must be an integer from 1 to {MAX_CHOICES}", "invalid_request", "n")
     user = n_system
     content = messages[user].get("content")
     parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
@@ -156,7 +164,7 @@ def parse_request(body: Any, max_audio_bytes: int, max_new_tokens: int) -> Parse
     if max_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
         raise RequestError(400, "need max_tokens >= 1, temperature >= 0, 0 < top_p <= 1", "invalid_request")
     return ParsedRequest(question or "Describe the audio.", audio, fmt, max_tokens, temperature, top_p, seed,
-                         system, stream, bool(stream_options.get("include_usage")), _stop_strings(body.get("stop")))
+                         system, stream, bool(stream_options.get("include_usage")), _stop_strings(body.get("stop")), n)
 
 
 def _stop_strings(stop: Any) -> tuple[str, ...]:
@@ -398,6 +406,8 @@ class ALMServer:
                 audio = (wav, self.sample_rate)
         except RequestError as e:
             return _error(e.status, e.message, e.code, e.param)
+        if req.n > 1:
+            return await self._choices(req, audio)
         if req.stream:
             stream = AnswerStream(lambda on_text: self.batcher.submit((req, audio, on_text)), self.model_name,
                                   req.include_usage)
@@ -413,6 +423,27 @@ class ALMServer:
         if gen.finish_reason == "error":
             return _error(*_request_failure(gen))
         return completion(self.model_name, [(gen.text, gen.finish_reason)], gen.prompt_tokens, gen.completion_tokens)
+
+    async def _choices(self, req: ParsedRequest, audio: Any) -> Any:
+        """`n` answers: sampled ones with seeds seed, seed + 1, ...; a greedy answer is the same every time,
+        so it is generated once. A stream carries each finished answer whole (index 0..n-1)."""
+        sampled = req.temperature > 0
+        asks = [replace(req, seed=req.seed + i, n=1) for i in range(req.n if sampled else 1)]
+        try:
+            gens = await asyncio.gather(*(self.batcher.submit((ask, audio, None)) for ask in asks))
+        except Exception as e:
+            log.exception("ALM generation failed")
+            return _error(500, f"generation failed: {type(e).__name__}: {e}", "engine_error")
+        failed = next((g for g in gens if g.finish_reason == "error"), None)
+        if failed is not None:
+            return _error(*_request_failure(failed))
+        gens = gens if sampled else gens * req.n
+        answers = [(g.text, g.finish_reason) for g in gens]
+        spent = sum(g.completion_tokens for g in gens)
+        if req.stream:
+            chunks = ChunkStream(self.model_name).whole(answers, req.include_usage, gens[0].prompt_tokens, spent)
+            return StreamingResponse(chunks, media_type="text/event-stream")
+        return completion(self.model_name, answers, gens[0].prompt_tokens, spent)
 
 
 # ---------------------------------------------------------------------------------------------- start / stop
