@@ -31,6 +31,7 @@ import torch
 from ralm.audio.io import AudioError, resample
 from ralm.config import EncoderSpec
 from ralm.llm.engines import StreamedText, cut_at_eos, cut_at_stop
+from ralm.storage import UNREACHABLE, StorageError
 
 AudioInput = str | tuple[np.ndarray, int] | None
 DEFAULT_GLUE = "This is what you hear, pass {i} of {n}:"
@@ -503,6 +504,8 @@ class ALMInference:
                     prompt = self.prompt(feats, question, system)
                 except AudioError as e:
                     fail = Generation("", 0, 0, "error", f"{e.reason}: {e.detail}", "invalid_audio")
+                except StorageError as e:  # the store, not the item: the eval stage stops on it
+                    fail = Generation("", 0, 0, "error", f"{UNREACHABLE}: {e}", UNREACHABLE)
                 else:
                     fail = self._check_length(prompt, max_new_tokens)
                     if fail is None:
@@ -544,6 +547,9 @@ class ALMInference:
                     loaded = self.load(audio)
                 except AudioError as e:
                     out.append(f"{e.reason}: {e.detail}")
+                    continue
+                except StorageError as e:  # the store, not the item: the eval stage stops on it
+                    out.append(f"{UNREACHABLE}: {e}")
                     continue
                 feats = None if loaded is None else self.featurize(*loaded)
                 scores = self._reply_logprobs(self.prompt(feats, question), question, choices, reply_prefix)
@@ -674,7 +680,11 @@ class InferenceActor:
     def __init__(self, export_dirs: Sequence[str], backend: str = "transformers", max_new_tokens: int = 64,
                  encoder_specs: Sequence[dict[str, Any]] = (), glue: str = DEFAULT_GLUE,
                  temperature: float = 0.0, torch_threads: int | None = None, answer_mode: str = "generate",
-                 reply_prefix: str = ""):
+                 reply_prefix: str = "", storage_cfg: Any | None = None):
+        from ralm import storage
+
+        if storage_cfg is not None:  # the worker reads adapters and audio from the run's store
+            storage.configure(storage_cfg)
         self.answer_mode, self.reply_prefix = answer_mode, reply_prefix
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -719,7 +729,7 @@ class InferenceActor:
 def batch_infer(ds: Any, export_dirs: Sequence[str], *, backend: str = "transformers", max_new_tokens: int = 64,
                 batch_size: int = 8, concurrency: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0,
                 encoder_specs: Sequence[EncoderSpec] = (), glue: str = DEFAULT_GLUE, temperature: float = 0.0,
-                answer_mode: str = "generate", reply_prefix: str = "") -> Any:
+                answer_mode: str = "generate", reply_prefix: str = "", storage_cfg: Any | None = None) -> Any:
     """A Ray Data job: `ds` rows {id, audio (URI or ''), question} -> the same rows with the ALM's output.
     `answer_mode="likelihood"|"pmi"`: rows also carry `choices` (a JSON list); the output is the best-scoring one
     (see `ALMInference.choice_logprobs`)."""
@@ -731,7 +741,7 @@ def batch_infer(ds: Any, export_dirs: Sequence[str], *, backend: str = "transfor
             "export_dirs": list(export_dirs), "backend": backend, "max_new_tokens": max_new_tokens,
             "encoder_specs": [s.model_dump() for s in encoder_specs], "glue": glue, "temperature": temperature,
             "torch_threads": max(1, int(num_cpus)) if num_gpus == 0 else None,
-            "answer_mode": answer_mode, "reply_prefix": reply_prefix,
+            "answer_mode": answer_mode, "reply_prefix": reply_prefix, "storage_cfg": storage_cfg,
         },
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=concurrency),  # `concurrency=` is deprecated since Ray 2.51

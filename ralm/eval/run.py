@@ -118,7 +118,7 @@ def infer(cfg: RalmConfig, rows: list[dict[str, Any]], adapters: list[str], pred
     out = batch_infer(ds, adapters, backend=ec.backend, max_new_tokens=ec.max_new_tokens,
                       batch_size=ec.batch_size, concurrency=ec.concurrency, num_cpus=ec.num_cpus,
                       num_gpus=ec.num_gpus, encoder_specs=cfg.features.encoders, glue=ec.ensemble_glue,
-                      answer_mode=ec.answer_mode, reply_prefix=reply_prefix)
+                      answer_mode=ec.answer_mode, reply_prefix=reply_prefix, storage_cfg=cfg.storage)
     from tqdm import tqdm
 
     with records.PartWriter(records.data_uri(pred_uri), part_rows=max(ec.batch_size, 16)) as good, \
@@ -130,6 +130,8 @@ def infer(cfg: RalmConfig, rows: list[dict[str, Any]], adapters: list[str], pred
                 row = {k: batch[k][i] for k in batch}
                 if row["finish_reason"] == "error":
                     reason, _, detail = str(row["error"]).partition(": ")
+                    if reason == storage.UNREACHABLE:  # not the item's fault: stop, reject nothing; a rerun resumes
+                        raise storage.StorageError(detail)
                     bad.add(records.reject(str(row["id"]), STAGE, reason or "error", detail,
                                            source=f"eval:{bench}", audio_uri=str(row["audio"])))
                     continue

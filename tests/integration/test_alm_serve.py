@@ -306,6 +306,32 @@ def test_eval_stage_mmau_rejects_bad_items_and_audio(ray_local, tiny_export, tmp
     assert (tmp_path / "run/eval/mmau_predictions.shuffled.json").exists()
 
 
+def test_eval_stage_stops_on_a_store_that_is_down_and_rejects_nothing(ray_local, tiny_export, tmp_path, write_wav,
+                                                                     monkeypatch):
+    """A benchmark clip whose store does not answer is not a bad item: the stage stops with the store's error
+    (one line, from the Ray actor), and no prediction or reject is kept for it (a rerun would skip those)."""
+    from ralm.eval.run import run
+
+    monkeypatch.delenv("RALM_S3_ENDPOINT_URL", raising=False)  # restored after the test: the dead endpoint goes
+    write_wav("audio/a.wav", seconds=0.6, freq=300)
+    items = json.loads(open("tests/fixtures/eval/mmau-mini.json").read())[:2]
+    items[0]["audio_id"], items[1]["audio_id"] = "./audio/a.wav", "s3://down/b.wav"
+    data = tmp_path / "mmau.json"
+    data.write_text(json.dumps(items))
+    cfg = RalmConfig()
+    cfg.storage.s3_endpoint_url = "http://127.0.0.1:9"
+    cfg.eval.benchmark, cfg.eval.data, cfg.eval.audio_root = "mmau", str(data), str(tmp_path)
+    cfg.eval.adapters = [tiny_export]
+    cfg.eval.max_new_tokens, cfg.eval.controls, cfg.eval.text_check, cfg.eval.num_cpus = 2, [], False, 0.5
+    try:
+        with pytest.raises(storage.StorageError, match="cannot read s3://down/b.wav: EndpointConnectionError"):
+            run(cfg, str(tmp_path / "run"))
+    finally:
+        storage.configure(None)
+    assert (tmp_path / "run/eval").exists()  # the stage got as far as the items
+    assert not list((tmp_path / "run/eval").rglob("rejects/*.parquet"))
+
+
 def test_eval_stage_likelihood_mode_picks_the_most_likely_choice(ray_local, tiny_export, tmp_path, write_wav):
     from ralm.eval.inference import ALMInference
     from ralm.eval.run import run
