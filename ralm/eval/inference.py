@@ -600,6 +600,8 @@ class ALMInference:
         g = self.generate([(audio, question)], max_new_tokens, **kw)[0]
         if g.error_code == "context_length_exceeded":
             raise ValueError(g.error)
+        if g.error_code == UNREACHABLE:
+            raise StorageError((g.error or "").split(": ", 1)[-1])
         if g.finish_reason == "error":
             raise AudioError(*(g.error or "corrupt: unknown").split(": ", 1))
         return g.text
