@@ -57,6 +57,21 @@ class _RayCfg:
 
 
 @pytest.fixture
+def dead_store(monkeypatch):
+    """S3 settings pointing at a port nothing listens on (the store is down, or the endpoint is wrong)."""
+    from ralm import storage
+    from ralm.config import StorageConfig
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.delenv("RALM_S3_ENDPOINT_URL", raising=False)
+    storage.configure(StorageConfig(s3_endpoint_url="http://127.0.0.1:9"))
+    yield
+    monkeypatch.delenv("RALM_S3_ENDPOINT_URL", raising=False)
+    storage.configure(None)
+
+
+@pytest.fixture
 def write_wav(tmp_path: Path) -> Callable[..., Path]:
     """write_wav(name, seconds=1.0, sr=16000, kind='tone'|'noise'|'zero', freq=440) -> path."""
     import soundfile as sf

@@ -1,5 +1,5 @@
 """Audio decoding, resampling and validation."""
 
-from ralm.audio.io import AudioError, StorageError, decode, load_audio, probe, resample, validate
+from ralm.audio.io import AudioError, decode, load_audio, probe, resample, validate
 
-__all__ = ["AudioError", "StorageError", "decode", "load_audio", "probe", "resample", "validate"]
+__all__ = ["AudioError", "decode", "load_audio", "probe", "resample", "validate"]

@@ -17,9 +17,6 @@ import numpy as np
 import soundfile as sf
 
 from ralm import storage
-from ralm.storage import StorageError
-
-__all__ = ["AudioError", "AudioInfo", "StorageError", "decode", "load_audio", "probe", "resample", "validate"]
 
 
 class AudioError(ValueError):

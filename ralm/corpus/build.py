@@ -22,7 +22,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ralm import records, storage
-from ralm.audio.io import AudioError, StorageError, decode, probe, validate
+from ralm.audio.io import AudioError, decode, probe, validate
 from ralm.config import CorpusConfig, RalmConfig, StorageConfig
 from ralm.corpus.prompts import template_prompts
 from ralm.corpus.recipes import BadRow, RawClip, get_recipe
@@ -55,7 +55,7 @@ def check_clip(clip: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
                             silence_dbfs=cfg["silence_dbfs"], uri=clip["audio_uri"])
     except AudioError as e:
         return {"reject": records.reject(clip["id"], STAGE, e.reason, e.detail, clip["source"], clip["audio_uri"])}
-    except StorageError as e:  # the store, not the clip: the driver stops the stage, nothing is rejected
+    except storage.StorageError as e:  # the store, not the clip: the driver stops the stage, nothing is rejected
         return {"unreachable": str(e)}
     except Exception as e:  # an unexpected decoder failure is still just this clip's problem
         return {"reject": records.reject(clip["id"], STAGE, "corrupt", f"{type(e).__name__}: {e}",
@@ -91,6 +91,8 @@ def scan(cfg: RalmConfig, run_dir: str, found: Counter[str] | None = None) -> It
         if root is None:  # only the demo may leave it out (checked by the config): it makes its own files
             root = cfg.corpus.assets_dir or os.path.join(run_dir, "assets", "demo")
         where = f"{spec.name} at {root}"
+        if found is not None:
+            found.setdefault(where, 0)  # listed even when it finds nothing
         count = 0
         for item in recipe.scan(root, spec.options):
             if isinstance(item, RawClip):
@@ -104,7 +106,6 @@ def scan(cfg: RalmConfig, run_dir: str, found: Counter[str] | None = None) -> It
             yield item
         if found is not None and not found[where]:
             log.warning("corpus: recipe %s found no clips (options %s)", where, spec.options)
-            found[where] = 0
 
 
 def _no_clips_message(found: Counter[str], stage_uri: str) -> str:
@@ -182,7 +183,7 @@ def run(cfg: RalmConfig, run_dir: str | None = None, progress: bool = True) -> s
                 for res in batch["result"]:
                     res = json.loads(res)
                     if "unreachable" in res:  # what is committed stays; a rerun resumes from there
-                        raise StorageError(res["unreachable"])
+                        raise storage.StorageError(res["unreachable"])
                     if "record" in res:
                         data_w.add(res["record"])
                     else:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ralm import records, storage
-from ralm.audio import AudioError, StorageError, load_audio
+from ralm.audio import AudioError, load_audio
 from ralm.config import EncoderSpec, FeaturesConfig, RalmConfig, StorageConfig
 from ralm.features.plan import ITEMSIZE, plan_shards, write_work_list
 from ralm.features.shards import INDEX_SCHEMA, ShardFile, finished_shards, shard_name, write_index
@@ -86,7 +86,7 @@ def decode_batch(batch: dict[str, np.ndarray], sample_rates: list[int],
             secs = len(out[sample_rates[0]]) / sample_rates[0]
         except AudioError as e:
             err, detail = e.reason, e.detail
-        except StorageError as e:  # the store, not the clip: the driver stops the stage, nothing is rejected
+        except storage.StorageError as e:  # the store, not the clip: the driver stops the stage, nothing is rejected
             err, detail = storage.UNREACHABLE, str(e)
         except Exception as e:  # anything else a decoder throws: still one reject, the job goes on
             err, detail = "decode_error", f"{uri}: {type(e).__name__}: {e}"
@@ -354,7 +354,7 @@ def _write_shards(ds: Any, shards_dir: str, index_dir: str, rejects_dir: str, en
                     current = (split, n)
                     shard = ShardFile(storage.join(shards_dir, shard_name(split, n)), dtype)
                 if batch["error"][i] == storage.UNREACHABLE:  # finished shards stay; a rerun resumes
-                    raise StorageError(str(batch["detail"][i]))
+                    raise storage.StorageError(str(batch["detail"][i]))
                 if batch["error"][i]:
                     src = batch["source"][i]
                     rejects.add(records.reject(clip, STAGE, str(batch["error"][i]), str(batch["detail"][i]),

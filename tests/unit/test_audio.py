@@ -95,30 +95,14 @@ def test_resample_identity():
     assert resample(x, 16000, 16000) is x or np.array_equal(resample(x, 16000, 16000), x)
 
 
-@pytest.fixture
-def dead_store(monkeypatch):
-    """S3 settings pointing at a port nothing listens on (the store is down, or the endpoint is wrong)."""
-    from ralm import storage
-    from ralm.config import StorageConfig
-
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.delenv("RALM_S3_ENDPOINT_URL", raising=False)
-    storage.configure(StorageConfig(s3_endpoint_url="http://127.0.0.1:9"))
-    yield
-    monkeypatch.delenv("RALM_S3_ENDPOINT_URL", raising=False)
-    storage.configure(None)
-
-
 def test_a_store_that_cannot_be_read_is_an_error_not_a_reject(dead_store, tmp_path):
     """A clip whose store is down is not a bad clip: no reject row (a rerun would skip it for good); the
     Ray task marks it unreachable, for the driver to stop the stage, and the message says where to look."""
     from ralm import storage
-    from ralm.audio import StorageError
     from ralm.corpus.build import check_clip
     from ralm.features.pipeline import decode_batch
 
-    with pytest.raises(StorageError, match=r"cannot read s3://bucket/a.wav: .*s3_endpoint_url"):
+    with pytest.raises(storage.StorageError, match=r"cannot read s3://bucket/a.wav: .*s3_endpoint_url"):
         probe("s3://bucket/a.wav")
     cfg = {"max_file_mb": 10, "max_seconds": 60, "min_seconds": 0.1, "silence_dbfs": -60, "seed": 0}
     clip = {"id": "a", "source": "s", "audio_uri": "s3://bucket/a.wav", "offset_s": 0.0, "duration_s": None,

@@ -443,20 +443,12 @@ def test_cli_chat_prints_the_answer_as_it_comes(exports, write_wav, monkeypatch)
     assert out.getvalue() == expected + "\n"
 
 
-def test_a_clip_on_a_store_that_is_down_is_the_stores_error(engine, monkeypatch):
+def test_a_clip_on_a_store_that_is_down_is_the_stores_error(engine, dead_store):
     """Not an audio error of the clip: generate marks it unreachable (the eval stage stops on it), and
     `answer` (ralm chat) raises the store's error."""
     from ralm import storage
-    from ralm.config import StorageConfig
 
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.delenv("RALM_S3_ENDPOINT_URL", raising=False)
-    storage.configure(StorageConfig(s3_endpoint_url="http://127.0.0.1:9"))
-    try:
-        gen = engine.generate([("s3://down/a.wav", "q")], 3)[0]
-        assert gen.finish_reason == "error" and gen.error_code == storage.UNREACHABLE
-        with pytest.raises(storage.StorageError, match="cannot read s3://down/a.wav"):
-            engine.answer("s3://down/a.wav", "q")
-    finally:
-        storage.configure(None)
+    gen = engine.generate([("s3://down/a.wav", "q")], 3)[0]
+    assert gen.finish_reason == "error" and gen.error_code == storage.UNREACHABLE
+    with pytest.raises(storage.StorageError, match="cannot read s3://down/a.wav"):
+        engine.answer("s3://down/a.wav", "q")

@@ -131,8 +131,22 @@ def _split_name(value: Any) -> str | None:
         return None
     split = SPLIT_ALIASES.get(str(value).strip().lower())
     if split is None:
-        raise ValueError(f"split {value!r} is not one of {SPLITS} (or dev/validation/val/training/testing)")
+        others = "/".join(a for a in SPLIT_ALIASES if a not in SPLITS)
+        raise ValueError(f"split {value!r} is not one of {SPLITS} (or {others})")
     return split
+
+
+def checked_options(recipe: str, options: Mapping[str, Any] | None,
+                    allowed: Mapping[str, type | tuple[type, ...]]) -> dict[str, Any]:
+    """A recipe spec's `options`, each one known to the recipe and of its type (the error names the bad one)."""
+    opts = dict(options or {})
+    unknown = sorted(set(opts) - set(allowed))
+    if unknown:
+        raise ValueError(f"recipe {recipe}: unknown options {unknown}; it takes {sorted(allowed)}")
+    for key, value in opts.items():
+        if not isinstance(value, allowed[key]):
+            raise ValueError(f"recipe {recipe}: option {key} = {value!r} has the wrong type")
+    return opts
 
 
 # What `options:` of a recipe spec may set on a table recipe, and the type each takes. Column options name a
@@ -177,13 +191,7 @@ class TableRecipe:
 
     def configured(self, options: Mapping[str, Any] | None = None) -> TableRecipe:
         """This recipe with the spec's `options` applied and checked (a clear error names the bad option)."""
-        opts = dict(options or {})
-        unknown = sorted(set(opts) - set(TABLE_OPTIONS))
-        if unknown:
-            raise ValueError(f"recipe {self.name}: unknown options {unknown}; a table recipe takes {sorted(TABLE_OPTIONS)}")
-        for key, value in opts.items():
-            if not isinstance(value, TABLE_OPTIONS[key]):
-                raise ValueError(f"recipe {self.name}: option {key} = {value!r} has the wrong type")
+        opts = checked_options(self.name, options, TABLE_OPTIONS)
         if "manifest" in opts:
             opts["manifest"] = tuple(opts["manifest"]) if isinstance(opts["manifest"], list) else opts["manifest"]
         if "columns" in opts:

@@ -13,6 +13,7 @@ from ralm.corpus.recipes.base import (
     RawClip,
     Row,
     TableRecipe,
+    checked_options,
     recipe_root,
     register_recipe,
 )
@@ -128,17 +129,12 @@ class FolderRecipe:
     LABELS = ("folder", "stem", "none")
 
     def configured(self, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        opts = dict(options or {})
-        unknown = sorted(set(opts) - set(self.OPTIONS))
-        if unknown:
-            raise ValueError(f"recipe folder: unknown options {unknown}; it takes {sorted(self.OPTIONS)}")
+        opts = checked_options(self.name, options, self.OPTIONS)
         if opts.get("domain") not in DOMAINS:
             raise ValueError(f"recipe folder: options.domain must be one of {DOMAINS} (got {opts.get('domain')!r})")
         exts = opts.get("extensions", AUDIO_EXTENSIONS)
-        for key, value in opts.items():
-            if not isinstance(value, self.OPTIONS[key]) or (key == "extensions" and
-                                                            not all(isinstance(e, str) for e in value)):
-                raise ValueError(f"recipe folder: option {key} = {value!r} has the wrong type")
+        if not all(isinstance(e, str) for e in exts):
+            raise ValueError(f"recipe folder: option extensions = {exts!r} has the wrong type")
         label = opts.get("label", "folder")
         if label not in self.LABELS:
             raise ValueError(f"recipe folder: options.label must be one of {self.LABELS} (got {label!r})")
