@@ -15,7 +15,8 @@ Without audio the ALM answers exactly as the frozen LLM. `stream: true` answers 
 `chat.completion.chunk` events as tokens are generated (`stream_options.include_usage` adds the usage
 chunk). `stop` (a string or up to 4) ends the answer where one appears, left out of the text. `n` (up to
 `MAX_CHOICES`) asks for several answers: sampled ones with seeds `seed`, `seed + 1`, ...; greedy ones
-(temperature 0) are one answer, given n times; streamed, each answer comes whole, in its own chunk.
+(temperature 0) are one answer, given n times; streamed, the answers' tokens come interleaved, each
+under its choice index.
 Concurrent requests with the same settings (max_tokens, stop, sampling, system message), streamed or not,
 are answered in one engine call (`eval.serve.max_batch_size`, `batch_wait_ms`; `GET /stats` shows the
 batches a replica ran).
@@ -248,84 +249,96 @@ def _request_failure(gen: Any) -> tuple[int, str, str, str]:
 
 
 class AnswerStream:
-    """One streamed answer: `answer(on_text)` (awaitable: the replica's batcher) runs from creation on and
-    hands the text to `on_text` as it comes. `await refused()` waits for the first piece of text or the
-    end and returns the Generation when the engine refused the request before any text (the handler
-    answers with an HTTP error, not a stream);
-    `events()` are the server-sent events as OpenAI streams them: a role chunk, content chunks as the
-    tokens come, a finish chunk, the usage chunk if asked for, `[DONE]`; a failure mid-stream is an
-    `error` event. A client that goes away (`events()` closed, or the `refused()` await cancelled, as Serve
-    does when an HTTP client disconnects) leaves the batcher's queue, or stops its generation at the next
-    token (in a batch: stops being streamed), instead of running to max_tokens for nobody."""
+    """Streamed answers: each of `answers` (`answer(on_text)`, awaitable: the replica's batcher) runs from
+    creation on and hands its text to `on_text` as it comes; answer k's text is choice k of the stream, or
+    choices k * copies ... (k + 1) * copies - 1 when one generation stands for several (a greedy answer
+    asked for n times). `await refused()` waits for the first piece of text or the first end and returns
+    the Generation when the engine refused the request before any text (the handler answers with an HTTP
+    error, not a stream);
+    `events()` are the server-sent events as OpenAI streams them: a role chunk per choice, content chunks
+    as the tokens come (choices interleaved, each under its index), a finish chunk per choice as it ends,
+    the usage chunk if asked for, `[DONE]`; a failure mid-stream is an `error` event. A client that goes
+    away (`events()` closed, or the `refused()` await cancelled, as Serve does when an HTTP client
+    disconnects) leaves the batcher's queue, or stops its generations at the next token (in a batch: stops
+    being streamed), instead of running to max_tokens for nobody."""
 
-    def __init__(self, answer: Callable[[Callable[[str], None]], Awaitable[Any]], model_name: str,
-                 include_usage: bool = False) -> None:
+    def __init__(self, answers: Sequence[Callable[[Callable[[str], None]], Awaitable[Any]]], model_name: str,
+                 include_usage: bool = False, copies: int = 1) -> None:
         self.out = ChunkStream(model_name)
         self.include_usage = include_usage
+        self.copies = copies
         self._loop = asyncio.get_running_loop()
-        self._pieces: asyncio.Queue[str] = asyncio.Queue()
-        self._first: str | None = None
+        # (answer k, a piece of its text), or (k, None) once answer k has ended
+        self._items: asyncio.Queue[tuple[int, str | None]] = asyncio.Queue()
+        self._first: tuple[int, str | None] | None = None
         self._gone = threading.Event()
-        self._task = asyncio.ensure_future(answer(self._on_text))
+        self._tasks = [asyncio.ensure_future(answer(partial(self._on_text, k))) for k, answer in enumerate(answers)]
+        for k, task in enumerate(self._tasks):
+            # after its pieces: they were queued through the loop before the task's own result landed
+            task.add_done_callback(lambda _, k=k: self._items.put_nowait((k, None)))
 
-    def _on_text(self, text: str) -> None:  # the generation thread
+    def _on_text(self, k: int, text: str) -> None:  # the generation thread
         if self._gone.is_set():
             raise ClientGone("the client went away")
-        # queued in order, and before the task's own result lands (both go through the loop)
-        self._loop.call_soon_threadsafe(self._pieces.put_nowait, text)
+        self._loop.call_soon_threadsafe(self._items.put_nowait, (k, text))
 
     def _stop(self) -> None:
-        if not self._task.done():
-            self._gone.set()
-            self._task.add_done_callback(lambda t: t.cancelled() or t.exception())  # its ClientGone is expected
-            self._task.cancel()
+        self._gone.set()
+        for task in self._tasks:
+            if not task.done():
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())  # its ClientGone is expected
+                task.cancel()
 
-    async def _next_piece(self) -> str | None:
-        """The next piece of text, or None once the generation has ended and every piece is out."""
-        if not self._pieces.empty():
-            return self._pieces.get_nowait()
-        get = asyncio.ensure_future(self._pieces.get())
-        done, _ = await asyncio.wait({get, self._task}, return_when=asyncio.FIRST_COMPLETED)
-        if get in done:
-            return get.result()
-        get.cancel()
-        return self._pieces.get_nowait() if not self._pieces.empty() else None
+    def _choices(self, k: int) -> range:
+        return range(k * self.copies, (k + 1) * self.copies)
 
     async def refused(self) -> Any | None:
         try:
-            self._first = await self._next_piece()
+            self._first = await self._items.get()
         except asyncio.CancelledError:  # the client left before the first token
             self._stop()
             raise
-        if self._first is None and self._task.exception() is None:
-            gen = self._task.result()
+        k, text = self._first
+        task = self._tasks[k]
+        if text is None and not task.cancelled() and task.exception() is None:
+            gen = task.result()
             return gen if gen.finish_reason == "error" else None
         return None
 
     async def events(self) -> AsyncIterator[str]:
-        out = self.out
+        out, ended, gens = self.out, 0, []
         try:
-            yield out.delta({"role": "assistant", "content": ""})
-            piece = self._first if self._first is not None else await self._next_piece()
-            while piece is not None:
-                yield out.delta({"content": piece})
-                piece = await self._next_piece()
-            try:
-                gen = self._task.result()
-            except Exception as e:
-                log.exception("ALM generation failed mid-stream")
-                yield out.error(f"generation failed: {type(e).__name__}: {e}", "engine_error")
-            else:
+            for i in range(len(self._tasks) * self.copies):
+                yield out.delta({"role": "assistant", "content": ""}, index=i)
+            while ended < len(self._tasks):
+                if self._first is not None:  # what refused() took off the queue
+                    (k, text), self._first = self._first, None
+                else:
+                    k, text = await self._items.get()
+                if text is not None:
+                    for i in self._choices(k):
+                        yield out.delta({"content": text}, index=i)
+                    continue
+                ended += 1
+                try:
+                    gen = self._tasks[k].result()
+                except Exception as e:
+                    log.exception("ALM generation failed mid-stream")
+                    yield out.error(f"generation failed: {type(e).__name__}: {e}", "engine_error")
+                    break
                 if gen.finish_reason == "error":
                     _, message, code, param = _request_failure(gen)
                     yield out.error(message, code, "invalid_request_error", param)
-                else:
-                    yield out.delta({}, gen.finish_reason)
-                    if self.include_usage:
-                        yield out.usage(gen.prompt_tokens, gen.completion_tokens)
+                    break
+                gens.append(gen)
+                for i in self._choices(k):
+                    yield out.delta({}, gen.finish_reason, index=i)
+            else:
+                if self.include_usage:
+                    yield out.usage(gens[0].prompt_tokens, sum(g.completion_tokens for g in gens) * self.copies)
             yield DONE
         finally:
-            self._stop()  # when closed mid-answer
+            self._stop()  # when closed mid-answer, or after a failure: the other answers stop too
 
 
 BatchItem = tuple[ParsedRequest, Any, Any]  # a request, its decoded audio (or None), its on_text (streamed) or None
@@ -357,6 +370,18 @@ def answer_batch(engine: Any, entries: Sequence[Entry[BatchItem]]) -> list[Any]:
                            on_text=callbacks if any(callbacks) else None, stop=req.stop)
 
 
+def _asks(req: ParsedRequest) -> tuple[list[ParsedRequest], int]:
+    """The generations behind `n` answers, and how many answers each stands for: sampled answers are one
+    generation each, with seeds seed, seed + 1, ... (choice i is what a request with seed + i gets alone);
+    a greedy answer is the same every time, so it is generated once and given n times."""
+    if req.n == 1:
+        return [req], 1
+    if req.temperature > 0:
+        return [replace(req, seed=(req.seed or 0) + i, n=1) for i in range(req.n)], 1
+    return [replace(req, n=1)], req.n
+
+
+# Helpers the deployment calls are defined above it: the replica failed with a NameError on one defined below.
 @serve.deployment(name="ALMServer")
 @serve.ingress(api)
 class ALMServer:
@@ -406,44 +431,27 @@ class ALMServer:
                 audio = (wav, self.sample_rate)
         except RequestError as e:
             return _error(e.status, e.message, e.code, e.param)
-        if req.n > 1:
-            return await self._choices(req, audio)
+        asks, copies = _asks(req)
         if req.stream:
-            stream = AnswerStream(lambda on_text: self.batcher.submit((req, audio, on_text)), self.model_name,
-                                  req.include_usage)
+            stream = AnswerStream([partial(self._submit, ask, audio) for ask in asks], self.model_name,
+                                  req.include_usage, copies)
             refused = await stream.refused()
             if refused is not None:  # before any text: a plain HTTP error, as without streaming
                 return _error(*_request_failure(refused))
             return StreamingResponse(stream.events(), media_type="text/event-stream")
         try:
-            gen = await self.batcher.submit((req, audio, None))
+            gens = await asyncio.gather(*(self._submit(ask, audio) for ask in asks))
         except Exception as e:  # the replica keeps serving; the client learns what failed
-            log.exception("ALM generation failed")
-            return _error(500, f"generation failed: {type(e).__name__}: {e}", "engine_error")
-        if gen.finish_reason == "error":
-            return _error(*_request_failure(gen))
-        return completion(self.model_name, [(gen.text, gen.finish_reason)], gen.prompt_tokens, gen.completion_tokens)
-
-    async def _choices(self, req: ParsedRequest, audio: Any) -> Any:
-        """`n` answers: sampled ones with seeds seed, seed + 1, ...; a greedy answer is the same every time,
-        so it is generated once. A stream carries each finished answer whole (index 0..n-1)."""
-        sampled = req.temperature > 0
-        asks = [replace(req, seed=req.seed + i, n=1) for i in range(req.n if sampled else 1)]
-        try:
-            gens = await asyncio.gather(*(self.batcher.submit((ask, audio, None)) for ask in asks))
-        except Exception as e:
             log.exception("ALM generation failed")
             return _error(500, f"generation failed: {type(e).__name__}: {e}", "engine_error")
         failed = next((g for g in gens if g.finish_reason == "error"), None)
         if failed is not None:
             return _error(*_request_failure(failed))
-        gens = gens if sampled else gens * req.n
-        answers = [(g.text, g.finish_reason) for g in gens]
-        spent = sum(g.completion_tokens for g in gens)
-        if req.stream:
-            chunks = ChunkStream(self.model_name).whole(answers, req.include_usage, gens[0].prompt_tokens, spent)
-            return StreamingResponse(chunks, media_type="text/event-stream")
-        return completion(self.model_name, answers, gens[0].prompt_tokens, spent)
+        return completion(self.model_name, [(g.text, g.finish_reason) for g in gens for _ in range(copies)],
+                          gens[0].prompt_tokens, sum(g.completion_tokens for g in gens) * copies)
+
+    def _submit(self, req: ParsedRequest, audio: Any, on_text: Callable[[str], None] | None = None) -> Awaitable[Any]:
+        return self.batcher.submit((req, audio, on_text))
 
 
 # ---------------------------------------------------------------------------------------------- start / stop

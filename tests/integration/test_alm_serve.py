@@ -71,7 +71,7 @@ def test_serve_openai_client(ray_local, tiny_export, tmp_path):
         assert again.choices[0].message.content == ok.choices[0].message.content
         assert again.usage.prompt_tokens == ok.usage.prompt_tokens
         # `n` answers: the greedy answer n times (generated once); sampled answers with seeds seed, seed + 1...,
-        # so choice i is what a request with seed + i gets; streamed, each answer whole under its index.
+        # so choice i is what a request with seed + i gets; streamed, token by token under its index.
         three = client.chat.completions.create(model=svc.model, messages=_audio_msg(_wav_bytes(1.0)), max_tokens=6, n=3)
         assert [c.index for c in three.choices] == [0, 1, 2]
         assert [c.message.content for c in three.choices] == [ok.choices[0].message.content] * 3
@@ -83,12 +83,13 @@ def test_serve_openai_client(ray_local, tiny_export, tmp_path):
         seed8 = client.chat.completions.create(model=svc.model, messages=_audio_msg(_wav_bytes(1.0)), max_tokens=6,
                                                temperature=1.5, seed=8)
         assert seed8.choices[0].message.content == texts[1]
-        by_index: dict[int, str] = {}
+        by_index: dict[int, list[str]] = {}
         for chunk in client.chat.completions.create(model=svc.model, messages=_audio_msg(_wav_bytes(1.0)),
                                                     max_tokens=6, n=2, temperature=1.5, seed=7, stream=True):
             for choice in chunk.choices:
-                by_index[choice.index] = by_index.get(choice.index, "") + (choice.delta.content or "")
-        assert by_index == {0: texts[0], 1: texts[1]}
+                by_index.setdefault(choice.index, []).append(choice.delta.content or "")
+        assert {i: "".join(p) for i, p in by_index.items()} == {0: texts[0], 1: texts[1]}
+        assert all(sum(bool(p) for p in pieces) > 1 for pieces in by_index.values())  # token by token
         with pytest.raises(openai.BadRequestError, match="n must be an integer from 1 to 8"):
             client.chat.completions.create(model=svc.model, messages=_audio_msg(_wav_bytes(1.0)), max_tokens=4, n=9)
 

@@ -146,9 +146,16 @@ class Replica:
         self.batcher = MicroBatcher(run, batch_key, max_batch=max_batch, wait_s=wait_s)
 
     def stream(self, req, audio=None, include_usage: bool = False):
-        from ralm.serve.alm_app import AnswerStream
+        """As the handler streams `req`: its `n` answers as `_asks` makes them."""
+        from functools import partial
 
-        return AnswerStream(lambda on_text: self.batcher.submit((req, audio, on_text)), "m", include_usage)
+        from ralm.serve.alm_app import AnswerStream, _asks
+
+        asks, copies = _asks(req)
+        def submit(ask, on_text):
+            return self.batcher.submit((ask, audio, on_text))
+
+        return AnswerStream([partial(submit, ask) for ask in asks], "m", include_usage, copies)
 
     async def answer(self, req, audio=None):
         return await self.batcher.submit((req, audio, None))
@@ -199,6 +206,41 @@ def test_answer_stream_sends_openai_chunks_and_a_closed_stream_stops_its_generat
     asyncio.run(hang_up())
     assert replica.finished.wait(120)
     assert isinstance(replica.ended[0], ClientGone)
+
+
+def test_n_streamed_answers_come_token_by_token_under_their_indices(engine, write_wav):
+    """`n` > 1 streamed: every choice opens with its role, its text comes in several pieces under its own
+    index, and each ends with its own finish chunk; sampled choice i is what seed + i gives alone, a greedy
+    answer is generated once and streamed under every index; usage counts every choice's tokens."""
+    import asyncio
+
+    clip = engine.load(str(write_wav("tone.wav", seconds=1.0, freq=440)))
+
+    async def events(req) -> list[dict]:
+        stream = Replica(engine).stream(req, clip, include_usage=True)
+        assert await stream.refused() is None
+        out = [e async for e in stream.events()]
+        assert out[-1] == "data: [DONE]\n\n"
+        return [_sse(e) for e in out[:-1]]
+
+    for temperature, n in ((1.2, 3), (0.0, 2)):
+        req = _request("Tell me a story.", 10, temperature=temperature, n=n)
+        alone = [engine.generate([(clip, req.question)], 10, temperature, 1.0, seed if temperature else 0)[0]
+                 for seed in range(n)]
+        if not temperature:
+            alone = [alone[0]] * n
+        chunks = asyncio.run(events(req))
+        opened = [c["choices"][0]["index"] for c in chunks[:n]]
+        assert opened == list(range(n)) and all(c["choices"][0]["delta"]["role"] == "assistant" for c in chunks[:n])
+        for i, gen in enumerate(alone):
+            mine = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["index"] == i]
+            pieces = [c["delta"]["content"] for c in mine[1:-1]]
+            assert "".join(pieces) == gen.text and len(pieces) > 1  # token by token, not whole
+            assert mine[-1]["finish_reason"] == gen.finish_reason and mine[-1]["delta"] == {}
+        if temperature:
+            assert len({g.text for g in alone}) > 1  # the seeds differ: not one answer copied
+        assert chunks[-1]["choices"] == []
+        assert chunks[-1]["usage"]["completion_tokens"] == sum(g.completion_tokens for g in alone)
 
 
 def test_a_cancelled_request_stops_its_generation(engine):
