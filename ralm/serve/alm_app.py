@@ -15,8 +15,8 @@ Without audio the ALM answers exactly as the frozen LLM. `stream: true` answers 
 `chat.completion.chunk` events as tokens are generated (`stream_options.include_usage` adds the usage
 chunk). `stop` (a string or up to 4) ends the answer where one appears, left out of the text. `n` (up to
 `MAX_CHOICES`) asks for several answers: sampled ones with seeds `seed`, `seed + 1`, ...; greedy ones
-(temperature 0) are one answer, given n times; streamed, the answers' tokens come interleaved, each
-under its choice index.
+(temperature 0) are one answer, given n times; streamed, each answer's tokens come as they are generated,
+under its choice index (sampled choices, one engine call per seed, follow one another).
 Concurrent requests with the same settings (max_tokens, stop, sampling, system message), streamed or not,
 are answered in one engine call (`eval.serve.max_batch_size`, `batch_wait_ms`; `GET /stats` shows the
 batches a replica ran).
@@ -256,7 +256,7 @@ class AnswerStream:
     the Generation when the engine refused the request before any text (the handler answers with an HTTP
     error, not a stream);
     `events()` are the server-sent events as OpenAI streams them: a role chunk per choice, content chunks
-    as the tokens come (choices interleaved, each under its index), a finish chunk per choice as it ends,
+    as the tokens come, each under its choice's index, a finish chunk per choice as it ends,
     the usage chunk if asked for, `[DONE]`; a failure mid-stream is an `error` event. A client that goes
     away (`events()` closed, or the `refused()` await cancelled, as Serve does when an HTTP client
     disconnects) leaves the batcher's queue, or stops its generations at the next token (in a batch: stops
