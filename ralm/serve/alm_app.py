@@ -381,6 +381,13 @@ def _asks(req: ParsedRequest) -> tuple[list[ParsedRequest], int]:
     return [replace(req, n=1)], req.n
 
 
+def answer_stream(submit: Callable[..., Awaitable[Any]], req: ParsedRequest, audio: Any, model_name: str
+                  ) -> AnswerStream:
+    """`req` streamed: its answers (`_asks`), each sent to the batcher as `submit(ask, audio, on_text)`."""
+    asks, copies = _asks(req)
+    return AnswerStream([partial(submit, ask, audio) for ask in asks], model_name, req.include_usage, copies)
+
+
 # Helpers the deployment calls are defined above it: the replica failed with a NameError on one defined below.
 @serve.deployment(name="ALMServer")
 @serve.ingress(api)
@@ -431,14 +438,13 @@ class ALMServer:
                 audio = (wav, self.sample_rate)
         except RequestError as e:
             return _error(e.status, e.message, e.code, e.param)
-        asks, copies = _asks(req)
         if req.stream:
-            stream = AnswerStream([partial(self._submit, ask, audio) for ask in asks], self.model_name,
-                                  req.include_usage, copies)
+            stream = answer_stream(self._submit, req, audio, self.model_name)
             refused = await stream.refused()
             if refused is not None:  # before any text: a plain HTTP error, as without streaming
                 return _error(*_request_failure(refused))
             return StreamingResponse(stream.events(), media_type="text/event-stream")
+        asks, copies = _asks(req)
         try:
             gens = await asyncio.gather(*(self._submit(ask, audio) for ask in asks))
         except Exception as e:  # the replica keeps serving; the client learns what failed

@@ -146,16 +146,13 @@ class Replica:
         self.batcher = MicroBatcher(run, batch_key, max_batch=max_batch, wait_s=wait_s)
 
     def stream(self, req, audio=None, include_usage: bool = False):
-        """As the handler streams `req`: its `n` answers as `_asks` makes them."""
-        from functools import partial
+        """`req` streamed as the handler streams it (`answer_stream`: its `n` answers)."""
+        from dataclasses import replace
 
-        from ralm.serve.alm_app import AnswerStream, _asks
+        from ralm.serve.alm_app import answer_stream
 
-        asks, copies = _asks(req)
-        def submit(ask, on_text):
-            return self.batcher.submit((ask, audio, on_text))
-
-        return AnswerStream([partial(submit, ask) for ask in asks], "m", include_usage, copies)
+        return answer_stream(lambda ask, audio, on_text: self.batcher.submit((ask, audio, on_text)),
+                             replace(req, include_usage=include_usage), audio, "m")
 
     async def answer(self, req, audio=None):
         return await self.batcher.submit((req, audio, None))
