@@ -31,6 +31,7 @@ import torch
 from ralm.audio.io import AudioError, resample
 from ralm.config import EncoderSpec
 from ralm.llm.engines import StreamedText, cut_at_eos, cut_at_stop
+from ralm.model.chat import Question
 from ralm.storage import UNREACHABLE, StorageError
 
 AudioInput = str | tuple[np.ndarray, int] | None
@@ -454,21 +455,22 @@ class ALMInference:
         return self._layouts[system]
 
     @torch.no_grad()
-    def prompt(self, features: list[dict[str, np.ndarray]] | None, question: str,
+    def prompt(self, features: list[dict[str, np.ndarray]] | None, question: Question,
                system: str | None = None) -> dict[str, Any]:
         """`{"prompt_token_ids"}` for text only, else `{"prompt_embeds": (S, D)}`. `system`: a system turn
         instead of the one the adapter was trained with (ALARM trains without one)."""
         layout = self.layout(system)
         if features is None:
             return {"prompt_token_ids": layout.text_prompt_ids(question)}
-        parts = [self.alm.embed_ids(layout.prefix_ids)]
+        head, tail = layout.around_audio(question)
+        parts = [self.alm.embed_ids(head)]
         n = len(self.frontends)
         for i, (frontend, feats) in enumerate(zip(self.frontends, features, strict=True), start=1):
             if n > 1:
                 glue = ("" if i == 1 else "\n") + self.glue.format(i=i, n=n) + " "
                 parts.append(self.alm.embed_ids(layout.ids(glue)))
             parts.append(self._audio_block(frontend, feats))
-        parts.append(self.alm.embed_ids(layout.suffix_ids(question)))
+        parts.append(self.alm.embed_ids(tail))
         return {"prompt_embeds": torch.cat(parts)}
 
     @torch.no_grad()
@@ -486,10 +488,10 @@ class ALMInference:
         return torch.cat([frontend.audio_start[None], audio[0, : int(n[0])], frontend.audio_end[None]]).to(dtype)
 
     # ------------------------------------------------------------------------------------------ answering
-    def generate(self, requests: Sequence[tuple[AudioInput, str]], max_new_tokens: int = 256,
+    def generate(self, requests: Sequence[tuple[AudioInput, Question]], max_new_tokens: int = 256,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = 0, system: str | None = None,
                  on_text: OnTexts = None, stop: Sequence[str] = ()) -> list[Generation]:
-        """Answer each (audio, question); an audio that cannot be decoded, or a prompt that with
+        """Answer each (audio, question or `Dialogue`); an audio that cannot be decoded, or a prompt that with
         `max_new_tokens` exceeds the LLM's context, fails alone (finish 'error', with an error_code).
         `on_text` (a callback for one request, or one per request): the answer's text piece by piece as it
         is generated; `stop`: strings that end an answer, left out of it (see `Backend`)."""

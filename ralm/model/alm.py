@@ -19,7 +19,7 @@ from torch import nn
 
 from ralm.config import LossAverage
 from ralm.model.adapters import build_adapter
-from ralm.model.chat import ChatLayout
+from ralm.model.chat import ChatLayout, Question
 from ralm.model.fusion import build_fusion
 from ralm.model.layers import AudioTokenNorm, LayerMix
 
@@ -257,14 +257,14 @@ class ALM(nn.Module):
         return self.llm.get_input_embeddings()(torch.tensor(ids, dtype=torch.long, device=self.device))
 
     @torch.no_grad()
-    def build_inputs(self, features: dict[str, np.ndarray] | None, question: str
+    def build_inputs(self, features: dict[str, np.ndarray] | None, question: Question
                      ) -> dict[str, torch.Tensor]:
         """Generation inputs of one question: `input_ids` (text only) or `inputs_embeds` (with audio)."""
         if features is None:
             ids = torch.tensor([self.layout.text_prompt_ids(question)], device=self.device)
             return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        emb = torch.cat([self.embed_ids(self.layout.prefix_ids), self.embed_audio(features),
-                         self.embed_ids(self.layout.suffix_ids(question))])[None]
+        head, tail = self.layout.around_audio(question)
+        emb = torch.cat([self.embed_ids(head), self.embed_audio(features), self.embed_ids(tail)])[None]
         return {"inputs_embeds": emb, "attention_mask": torch.ones(emb.shape[:2], dtype=torch.long,
                                                                     device=self.device)}
 

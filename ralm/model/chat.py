@@ -10,14 +10,40 @@ everything around it comes from the tokenizer's chat template, rendered once wit
 
 At train time ALARM uses no system prompt, so a template's *default* system turn (SmolLM2 adds one) is
 dropped too: the user-turn header is recovered by rendering a two-turn conversation.
+
+A served conversation (`Dialogue`: earlier turns, the clip in one user turn, follow-up questions) keeps
+that layout around the audio: the same prefix, the audio first inside its user turn, and the rest of the
+conversation rendered by the template; a single question lays out exactly as in training.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
 SENTINEL = "\u2063RALM_AUDIO\u2063"
+FIRST_TURN = "\u2063RALM_TURN\u2063"  # marks where the first user turn's content starts
+
+
+@dataclass(frozen=True)
+class Dialogue:
+    """A conversation about one clip: its non-system turns as (role, text), user first and last, the
+    audio (if any) at the start of user turn `audio_turn`."""
+
+    turns: tuple[tuple[str, str], ...]
+    audio_turn: int = 0
+
+    def __post_init__(self) -> None:
+        roles = [r for r, _ in self.turns]
+        if not roles or roles[0] != "user" or roles[-1] != "user" or set(roles) - {"user", "assistant"}:
+            raise ValueError(f"a dialogue is user and assistant turns, user first and last (got {roles})")
+        if roles[self.audio_turn] != "user":
+            raise ValueError(f"the audio must be in a user turn (turn {self.audio_turn} is {roles[self.audio_turn]})")
+
+
+Question = str | Dialogue  # one user question (as trained) or a conversation
 
 
 class ChatLayout:
@@ -76,6 +102,19 @@ class ChatLayout:
                 break
         return self.ids(target)
 
-    def text_prompt_ids(self, question: str) -> list[int]:
+    def text_prompt_ids(self, question: Question) -> list[int]:
         """The plain chat prompt of a text-only question, exactly as the frozen LLM would get it."""
-        return self.ids(self._render([*self._system(), {"role": "user", "content": question}], gen=True))
+        turns: Sequence[tuple[str, str]] = (("user", question),) if isinstance(question, str) else question.turns
+        return self.ids(self._render([*self._system(), *({"role": r, "content": t} for r, t in turns)], gen=True))
+
+    def around_audio(self, question: Question) -> tuple[list[int], list[int]]:
+        """The token ids before and after the audio block."""
+        if isinstance(question, str):
+            return self.prefix_ids, self.suffix_ids(question)
+        messages = [{"role": role, "content": SENTINEL + self.separator + text if i == question.audio_turn else text}
+                    for i, (role, text) in enumerate(question.turns)]
+        messages[0]["content"] = FIRST_TURN + messages[0]["content"]
+        full = self._render([*self._system(), *messages], gen=True)
+        first, audio = full.index(FIRST_TURN) + len(FIRST_TURN), full.index(SENTINEL)
+        # The first user turn's header is the trained prefix (which drops a template's default system turn).
+        return self.ids(self.prefix_text + full[first:audio]), self.ids(full[audio + len(SENTINEL):])

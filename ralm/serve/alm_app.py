@@ -7,10 +7,12 @@
         {"type": "input_audio", "input_audio": {"data": base64_wav, "format": "wav"}}]}])
     stop_alm(svc)
 
-A request is one user message: text parts (the question) and at most one `input_audio` part (base64
+A request is a user message: text parts (the question) and at most one `input_audio` part (base64
 wav, mp3, flac, ogg/opus, m4a/aac or webm; vLLM's `audio_url` part with a data URL works too),
 optionally after system (or developer) messages, which become the prompt's system turn (ALARM trains
-without one: the adapter has not seen it, the frozen LLM has).
+without one: the adapter has not seen it, the frozen LLM has). A conversation (user and assistant turns,
+user last: follow-up questions about the clip) works too: one clip in all, first inside its user turn as
+in training, the other turns as the LLM's chat template renders them.
 Without audio the ALM answers exactly as the frozen LLM. `stream: true` answers with server-sent
 `chat.completion.chunk` events as tokens are generated (`stream_options.include_usage` adds the usage
 chunk). `stop` (a string or up to 4) ends the answer where one appears, left out of the text. `n` (up to
@@ -43,6 +45,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from ralm.eval.inference import ClientGone
+from ralm.model.chat import Dialogue, Question
 from ralm.serve.batching import Entry, MicroBatcher
 from ralm.serve.openai_format import (
     DONE,
@@ -77,7 +80,7 @@ def _error(status: int, message: str, code: str, param: str | None = None) -> JS
 
 @dataclass
 class ParsedRequest:
-    question: str
+    question: Question  # the user's question, or a conversation (`Dialogue`) around the clip
     audio: bytes | None
     audio_format: str | None
     max_tokens: int
@@ -97,7 +100,32 @@ def _text_content(content: Any, param: str) -> str:
         return content
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
         return "\n".join(str(p.get("text") or "") for p in content)
-    raise RequestError(400, "a system message's content must be text", "invalid_request", param)
+    raise RequestError(400, f"{param} must be text (a string or text parts)", "invalid_request", param)
+
+
+def _user_content(content: Any, i: int, max_audio_bytes: int) -> tuple[str, tuple[bytes, str] | None]:
+    """A user message's text (its text parts joined) and its audio part, if any."""
+    parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+    if not isinstance(parts, list):
+        raise RequestError(400, "message content must be a string or a list of content parts", "invalid_request",
+                           f"messages[{i}].content")
+    texts, clip = [], None
+    for j, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        param = f"messages[{i}].content[{j}]"
+        if kind == "text":
+            texts.append(str(part.get("text") or ""))
+        elif kind in ("input_audio", "audio_url"):
+            if clip is not None:
+                raise RequestError(400, "at most one audio part per request", "unsupported", param)
+            obj = part.get(kind)
+            if kind == "audio_url":  # vLLM's audio part: {"audio_url": {"url": "data:audio/wav;base64,..."}}
+                obj = _audio_url_part(obj, param)
+            clip = _decode_audio_part(obj, max_audio_bytes, param)
+        else:
+            raise RequestError(400, f"content part type {kind!r} is not supported (use text and input_audio)",
+                               "unsupported", param)
+    return "\n".join(t for t in texts if t).strip(), clip
 
 
 def parse_request(body: Any, max_audio_bytes: int, max_new_tokens: int) -> ParsedRequest:
@@ -110,10 +138,10 @@ def parse_request(body: Any, max_audio_bytes: int, max_new_tokens: int) -> Parse
                            "messages")
     roles = [m.get("role") for m in messages]
     n_system = next((i for i, r in enumerate(roles) if r not in ("system", "developer")), len(roles))
-    if roles[n_system:] != ["user"]:
-        raise RequestError(400, f"send one user message, optionally after system messages (got roles {roles}): "
-                           "multi-turn conversations are not supported, the ALM was trained on single user turns",
-                           "unsupported", "messages")
+    turns = roles[n_system:]
+    if not turns or turns[0] != "user" or turns[-1] != "user" or set(turns) - {"user", "assistant"}:
+        raise RequestError(400, "send user and assistant messages, user first and last, after any system "
+                           f"messages (got roles {roles})", "invalid_request", "messages")
     system = "\n\n".join(_text_content(m.get("content"), f"messages[{i}].content")
                           for i, m in enumerate(messages[:n_system])) if n_system else None
     stream = body.get("stream") is True
@@ -129,31 +157,24 @@ def parse_request(body: Any, max_audio_bytes: int, max_new_tokens: int) -> Parse
         n = 0
     if not 1 <= n <= MAX_CHOICES:
         raise RequestError(400, f"n must be an integer from 1 to {MAX_CHOICES}", "invalid_request", "n")
-    user = n_system
-    content = messages[user].get("content")
-    parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
-    if not isinstance(parts, list):
-        raise RequestError(400, "message content must be a string or a list of content parts", "invalid_request",
-                           f"messages[{user}].content")
-    texts, audio, fmt = [], None, None
-    for i, part in enumerate(parts):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text":
-            texts.append(str(part.get("text") or ""))
-        elif kind in ("input_audio", "audio_url"):
-            param = f"messages[{user}].content[{i}]"
-            if audio is not None:
-                raise RequestError(400, "at most one audio part per request", "unsupported", param)
-            obj = part.get(kind)
-            if kind == "audio_url":  # vLLM's audio part: {"audio_url": {"url": "data:audio/wav;base64,..."}}
-                obj = _audio_url_part(obj, param)
-            audio, fmt = _decode_audio_part(obj, max_audio_bytes, param)
-        else:
-            raise RequestError(400, f"content part type {kind!r} is not supported (use text and input_audio)",
-                               "unsupported", f"messages[{user}].content[{i}]")
-    question = "\n".join(t for t in texts if t).strip()
-    if not question and audio is None:
-        raise RequestError(400, "the message has neither text nor audio", "invalid_request", "messages")
+    turn_texts: list[tuple[str, str]] = []
+    audio, fmt, audio_turn = None, None, 0
+    for k, (i, message) in enumerate(list(enumerate(messages))[n_system:]):
+        if roles[i] == "assistant":
+            turn_texts.append(("assistant", _text_content(message.get("content"), f"messages[{i}].content")))
+            continue
+        text, clip = _user_content(message.get("content"), i, max_audio_bytes)
+        if clip is not None and audio is not None:
+            raise RequestError(400, "at most one audio part per request", "unsupported", f"messages[{i}].content")
+        if clip is not None:
+            (audio, fmt), audio_turn = clip, k
+        turn_texts.append(("user", text))
+    if not any(text for _, text in turn_texts) and audio is None:
+        raise RequestError(400, "the messages have neither text nor audio", "invalid_request", "messages")
+    if audio is not None and not turn_texts[audio_turn][1]:
+        turn_texts[audio_turn] = ("user", "Describe the audio.")
+    # One question lays out as in training; a conversation keeps the clip first in its user turn.
+    question: Question = turn_texts[0][1] if len(turn_texts) == 1 else Dialogue(tuple(turn_texts), audio_turn)
     try:
         requested = body.get("max_completion_tokens") or body.get("max_tokens") or max_new_tokens
         max_tokens = min(int(requested), max_new_tokens)
@@ -164,7 +185,7 @@ def parse_request(body: Any, max_audio_bytes: int, max_new_tokens: int) -> Parse
         raise RequestError(400, f"bad sampling parameter: {e}", "invalid_request") from None
     if max_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
         raise RequestError(400, "need max_tokens >= 1, temperature >= 0, 0 < top_p <= 1", "invalid_request")
-    return ParsedRequest(question or "Describe the audio.", audio, fmt, max_tokens, temperature, top_p, seed,
+    return ParsedRequest(question, audio, fmt, max_tokens, temperature, top_p, seed,
                          system, stream, bool(stream_options.get("include_usage")), _stop_strings(body.get("stop")), n)
 
 

@@ -163,8 +163,10 @@ def test_serve_openai_client(ray_local, tiny_export, tmp_path):
             ([{"role": "user", "content": "word " * 2100}], 400, "over the LLM's context"),
             ([{"role": "user", "content": [{"type": "audio_url", "audio_url": {"url": "http://169.254.169.254/a.wav"}}]}],
              400, "does not fetch"),
-            (_audio_msg(_wav_bytes(1.0)) + [{"role": "assistant", "content": "a tone"},
-                                            {"role": "user", "content": "louder?"}], 400, "multi-turn"),
+            (_audio_msg(_wav_bytes(1.0)) + [{"role": "assistant", "content": "a tone"}], 400, "user first and last"),
+            (_audio_msg(_wav_bytes(1.0)) + [{"role": "assistant", "content": None},
+                                            {"role": "user", "content": "louder?"}], 400, "must be text"),
+            (_audio_msg(_wav_bytes(1.0)) * 2, 400, "at most one audio"),
             (_audio_msg(b"\0" * 400_000), 413, "MB > limit"),  # over the byte limit, refused before decoding
             ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], 400, "not supported"),
         ]
@@ -189,6 +191,15 @@ def test_serve_openai_client(ray_local, tiny_export, tmp_path):
         defaults = client.chat.completions.create(model=svc.model, messages=_audio_msg(_wav_bytes(1.0)), max_tokens=6,
                                                   logprobs=False, presence_penalty=0, response_format={"type": "text"})
         assert defaults.choices[0].message.content == ok.choices[0].message.content
+
+        # A follow-up question about the clip: the whole conversation reaches the LLM, streamed or not.
+        talk = _audio_msg(_wav_bytes(1.0)) + [{"role": "assistant", "content": text},
+                                              {"role": "user", "content": [{"type": "text", "text": "Louder?"}]}]
+        follow = client.chat.completions.create(model=svc.model, messages=talk, max_tokens=6)
+        assert follow.choices[0].message.content and follow.usage.prompt_tokens > ok.usage.prompt_tokens
+        streamed = client.chat.completions.create(model=svc.model, messages=talk, max_tokens=6, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == \
+            follow.choices[0].message.content
 
         # The replica keeps serving after the bad requests.
         after = client.chat.completions.create(model=svc.model, messages=_audio_msg(_wav_bytes(1.0)), max_tokens=6)

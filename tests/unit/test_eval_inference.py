@@ -361,6 +361,24 @@ def test_a_system_turn_goes_where_the_llms_chat_template_puts_it(engine, write_w
     assert engine.layout(None) is engine.alm.layout and engine.layout(system) is engine.layout(system)
 
 
+def test_a_follow_up_question_keeps_the_clip_where_training_put_it(engine, write_wav):
+    from ralm.model.chat import Dialogue
+
+    clip = str(write_wav("tone.wav", seconds=1.0))
+    feats = engine.featurize(*engine.load(clip))
+    single = engine.prompt(feats, "What do you hear?")["prompt_embeds"]
+    talk = Dialogue((("user", "What do you hear?"), ("assistant", "A tone."), ("user", "Is it loud?")))
+    prompt = engine.prompt(feats, talk)["prompt_embeds"]
+    # The trained prefix and the audio block open the conversation; the question and the turns after follow.
+    n_tail = len(engine.alm.layout.suffix_ids("What do you hear?"))
+    assert torch.equal(prompt[: single.shape[0] - n_tail], single[:-n_tail])
+    _, tail = engine.alm.layout.around_audio(talk)
+    assert torch.equal(prompt[-len(tail):], engine.alm.embed_ids(tail))
+    assert "Is it loud?" in engine.alm.tokenizer.decode(tail)
+    gen, alone = engine.generate([(clip, talk), (clip, "Is it loud?")], 4)
+    assert gen.finish_reason == "length" and gen.prompt_tokens == prompt.shape[0] > alone.prompt_tokens
+
+
 def test_ensemble_places_each_adapters_audio_with_glue(exports, engine, write_wav):
     from ralm.model.export import load_alm
 

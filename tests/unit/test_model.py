@@ -140,6 +140,36 @@ def test_layout_puts_audio_first_in_user_turn_without_system_prompt(alm: ALM):
     assert lay.text_prompt_ids("Q?") == alm.tokenizer(plain, add_special_tokens=False)["input_ids"]
 
 
+def test_a_conversation_keeps_the_trained_layout_around_the_audio(alm: ALM):
+    from ralm.model.chat import ChatLayout, Dialogue
+
+    lay, tok = alm.layout, alm.tokenizer
+
+    def text(ids: list[int]) -> str:
+        return tok.decode(ids, skip_special_tokens=False)
+
+    # One question as a dialogue is laid out exactly as in training.
+    assert lay.around_audio(Dialogue((("user", "Q?"),))) == (lay.prefix_ids, lay.suffix_ids("Q?"))
+    follow_up = (("user", "Q1"), ("assistant", "A1"), ("user", "Q2"))
+    head, tail = lay.around_audio(Dialogue(follow_up, audio_turn=0))
+    assert text(head) == "<|im_start|>user\n"  # no default system turn, as trained
+    assert text(tail) == ("\n\nQ1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n"
+                          "<|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant\n")
+    head, tail = lay.around_audio(Dialogue(follow_up, audio_turn=2))  # the clip comes with the second question
+    assert text(head) == "<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\n"
+    assert text(tail) == "\n\nQ2<|im_end|>\n<|im_start|>assistant\n"
+    head, _ = ChatLayout(tok, "Be brief.").around_audio(Dialogue(follow_up))
+    assert text(head) == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
+    # Without audio a conversation is the frozen LLM's own chat prompt.
+    plain = tok.apply_chat_template([{"role": r, "content": t} for r, t in follow_up], tokenize=False,
+                                    add_generation_prompt=True)
+    assert lay.text_prompt_ids(Dialogue(follow_up)) == tok(plain, add_special_tokens=False)["input_ids"]
+    for turns, audio_turn in [((("assistant", "A"), ("user", "Q")), 0), ((("user", "Q"), ("assistant", "A")), 0),
+                              (follow_up, 1), ((("user", "Q"), ("tool", "{}"), ("user", "Q")), 0)]:
+        with pytest.raises(ValueError):
+            Dialogue(turns, audio_turn)
+
+
 def test_labels_mask_everything_but_the_response(alm: ALM):
     target = "<think>It rings.</think> A bell."
     s1, t1 = alm.encode_text("What is it?", target)
