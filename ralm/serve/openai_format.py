@@ -22,7 +22,7 @@ def stop_strings(stop: Any) -> tuple[str, ...]:
 
 
 # Request options that change what an answer is (token log-probabilities, tool calls, JSON mode, sampling
-# penalties, audio output). Neither endpoint implements them, and a client that set one must not get an
+# penalties and filters, audio output, constrained decoding). Neither endpoint implements them, and a client that set one must not get an
 # answer that silently ignored it: a 400 naming them instead. Their default values pass.
 _NOT_IMPLEMENTED: dict[str, Any] = {
     "logprobs": lambda v: not v,
@@ -37,6 +37,23 @@ _NOT_IMPLEMENTED: dict[str, Any] = {
     "logit_bias": lambda v: not v,
     "modalities": lambda v: not v or list(v) == ["text"],
     "audio": lambda v: not v,
+    # vLLM's extensions to the request, which clients written for a vLLM server send
+    "top_k": lambda v: v in (None, 0, -1),
+    "min_p": lambda v: not v,
+    "repetition_penalty": lambda v: v in (None, 1, 1.0),
+    "length_penalty": lambda v: v in (None, 1, 1.0),
+    "min_tokens": lambda v: not v,
+    "best_of": lambda v: v in (None, 1),
+    "use_beam_search": lambda v: not v,
+    "ignore_eos": lambda v: not v,
+    "stop_token_ids": lambda v: not v,
+    "bad_words": lambda v: not v,
+    "prompt_logprobs": lambda v: v is None,
+    "guided_json": lambda v: v is None,
+    "guided_regex": lambda v: v is None,
+    "guided_choice": lambda v: v is None,
+    "guided_grammar": lambda v: v is None,
+    "structured_outputs": lambda v: v is None,
 }
 
 

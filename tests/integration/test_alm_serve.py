@@ -184,12 +184,14 @@ def test_serve_openai_client(ray_local, tiny_export, tmp_path):
         for option, name in [({"logprobs": True, "top_logprobs": 2}, "logprobs, top_logprobs"),
                              ({"response_format": {"type": "json_object"}}, "response_format"),
                              ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-                             ({"presence_penalty": 0.5}, "presence_penalty")]:
+                             ({"presence_penalty": 0.5}, "presence_penalty"),
+                             ({"extra_body": {"top_k": 5, "repetition_penalty": 1.2}}, "top_k, repetition_penalty")]:
             with pytest.raises(openai.BadRequestError, match=f"not supported by this server: {name}"):
                 client.chat.completions.create(model=svc.model, messages=_audio_msg(_wav_bytes(1.0)), max_tokens=4,
                                                **option)
         defaults = client.chat.completions.create(model=svc.model, messages=_audio_msg(_wav_bytes(1.0)), max_tokens=6,
-                                                  logprobs=False, presence_penalty=0, response_format={"type": "text"})
+                                                  logprobs=False, presence_penalty=0, response_format={"type": "text"},
+                                                  extra_body={"top_k": -1, "repetition_penalty": 1.0})
         assert defaults.choices[0].message.content == ok.choices[0].message.content
 
         # A follow-up question about the clip: the whole conversation reaches the LLM, streamed or not.

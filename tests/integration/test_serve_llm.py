@@ -115,7 +115,8 @@ def test_openai_client_over_http(service, llm_cfg):
     # answered as if they had been applied; default values pass.
     for option, name in [({"logprobs": True}, "logprobs"), ({"frequency_penalty": 1.0}, "frequency_penalty"),
                          ({"response_format": {"type": "json_object"}, "logit_bias": {"1": 5}},
-                          "response_format, logit_bias")]:
+                          "response_format, logit_bias"),
+                         ({"extra_body": {"guided_choice": ["yes", "no"]}}, "guided_choice")]:
         with pytest.raises(openai.BadRequestError, match=f"not supported by this server: {name}"):
             client.chat.completions.create(model="llm-test", messages=[{"role": "user", "content": "Hi"}],
                                            max_tokens=3, **option)
