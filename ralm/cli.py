@@ -11,7 +11,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from ralm.config import ConfigError, RalmConfig, dump_config, load_config
 from ralm.storage import StorageError
@@ -52,11 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--audio-root", default=None, help="folder the benchmark's audio paths are relative to")
     _common(ev)
 
-    chat = sub.add_parser("chat", help="ask the trained ALM about one audio file")
+    chat = sub.add_parser("chat", help="ask the trained ALM about one audio file (no question: a conversation, "
+                                       "one question per line of input)")
     chat.add_argument("--audio", default=None, help="wav/flac/ogg/mp3 file (omit for a text-only question)")
     chat.add_argument("--max-new-tokens", type=int, default=None)
     chat.add_argument("--system", default=None, help="a system turn (the adapter was trained without one)")
-    chat.add_argument("question", help="the question, in quotes")
+    chat.add_argument("question", nargs="?", default=None,
+                      help="the question, in quotes; omitted: ask on standard input, follow-ups keep the clip")
     _common(chat)
 
     srv = sub.add_parser("serve", help="serve the trained ALM: OpenAI-compatible /v1/chat/completions")
@@ -101,13 +103,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Overrides may follow options (`--run-dir D k=v`): argparse leaves those as extras; keep them.
     args, extras = parser.parse_known_args(argv)
     if args.command == "chat":  # overrides may come before the question: argparse takes the first for it
-        words = [args.question, *args.overrides, *(x for x in extras if not x.startswith("-"))]
+        words = [*filter(None, [args.question]), *args.overrides, *(x for x in extras if not x.startswith("-"))]
         extras = [x for x in extras if x.startswith("-")]
         args.overrides = [w for w in words if _OVERRIDE.match(w)]
         question = [w for w in words if not _OVERRIDE.match(w)]
-        if len(question) != 1:
+        if len(question) > 1:
             parser.error(f"chat takes one question, in quotes (got {question})")
-        args.question = question[0]
+        args.question = question[0] if question else None
     stray = [x for x in extras if x.startswith("-") or "=" not in x]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
@@ -147,19 +149,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def _chat(args: argparse.Namespace, cfg: RalmConfig, run_dir: str) -> int:
+    """One answer, or (no question given) a conversation about the clip read from standard input."""
+    from ralm.eval.inference import chat_engine, converse
+
+    def show(text: str) -> None:  # the answer as it is generated
+        print(text, end="", flush=True)
+
+    interactive = args.question is None and sys.stdin.isatty()
+
+    def questions() -> Iterator[str]:
+        if args.question is not None:
+            yield args.question
+            return
+        if interactive:
+            print("Ask about the clip; follow-up questions keep it and the answers before. Ctrl-D ends.",
+                  file=sys.stderr)
+        while True:
+            try:
+                line = input("> " if interactive else "")
+            except EOFError:
+                return
+            if line.strip():
+                yield line.strip()
+
+    engine = chat_engine(cfg, run_dir)
+    try:
+        for _ in converse(engine, args.audio, questions(), args.max_new_tokens or cfg.eval.serve.max_new_tokens,
+                          system=args.system, on_text=show):
+            print(flush=True)
+    finally:
+        engine.close()
+    return 0
+
+
 def _run_command(args: argparse.Namespace, cfg: RalmConfig, run_dir: str) -> int:
     from ralm import pipeline
 
     if args.command == "chat":
-        from ralm.eval.inference import chat_with_config
-
-        def show(text: str) -> None:  # the answer as it is generated
-            print(text, end="", flush=True)
-
-        chat_with_config(cfg, args.audio, args.question, run_dir, args.max_new_tokens, system=args.system,
-                         on_text=show)
-        print()
-        return 0
+        return _chat(args, cfg, run_dir)
     if args.command == "serve":
         import time
 

@@ -21,7 +21,7 @@ import json
 import os
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,7 @@ import torch
 from ralm.audio.io import AudioError, resample
 from ralm.config import EncoderSpec
 from ralm.llm.engines import StreamedText, cut_at_eos, cut_at_stop
-from ralm.model.chat import Question
+from ralm.model.chat import Dialogue, Question
 from ralm.storage import UNREACHABLE, StorageError
 
 AudioInput = str | tuple[np.ndarray, int] | None
@@ -598,7 +598,7 @@ class ALMInference:
             scores.append(sum(lp) / max(1, len(lp)))
         return scores
 
-    def answer(self, audio: AudioInput, question: str, max_new_tokens: int = 256, **kw: Any) -> str:
+    def answer(self, audio: AudioInput, question: Question, max_new_tokens: int = 256, **kw: Any) -> str:
         g = self.generate([(audio, question)], max_new_tokens, **kw)[0]
         if g.error_code == "context_length_exceeded":
             raise ValueError(g.error)
@@ -625,19 +625,32 @@ def chat(export_dir: str | Sequence[str], audio_path: str | None, question: str,
         engine.close()
 
 
-def chat_with_config(cfg: Any, audio_path: str | None, question: str, run_dir: str | None = None,
-                     max_new_tokens: int | None = None, temperature: float = 0.0, system: str | None = None,
-                     on_text: OnText | None = None) -> str:
-    """`ralm chat --config C [--run-dir D] --audio clip.wav "question"`: the run's adapter(s)
-    (`eval.adapters`, default `run_dir/train/export`), the features stage's encoder specs, `eval.backend`."""
+def converse(engine: ALMInference, audio: AudioInput, questions: Iterable[str], max_new_tokens: int = 256,
+             **kw: Any) -> Iterator[str]:
+    """A conversation about one clip: each question's answer, with the clip and the turns before it in the
+    prompt (the clip first in the first user turn, as trained). `kw`: `answer`'s (temperature, system,
+    on_text)."""
+    if audio is not None and not isinstance(audio, tuple):
+        audio = engine.load(audio)  # decoded once for the whole conversation
+    turns: list[tuple[str, str]] = []
+    for question in questions:
+        turns.append(("user", question))
+        asked: Question = question if len(turns) == 1 else Dialogue(tuple(turns))
+        answer = engine.answer(audio, asked, max_new_tokens, **kw)
+        turns.append(("assistant", answer))
+        yield answer
+
+
+def chat_engine(cfg: Any, run_dir: str | None = None) -> ALMInference:
+    """The run's ALM as `ralm chat` uses it: its adapter(s) (`eval.adapters`, default
+    `run_dir/train/export`), the features stage's encoder specs, `eval.backend`."""
     from ralm import storage
     from ralm.eval.run import default_adapters
 
     storage.configure(cfg.storage)
     adapters = default_adapters(cfg, run_dir or cfg.storage.run_dir)
-    return chat(adapters, audio_path, question, max_new_tokens=max_new_tokens or cfg.eval.serve.max_new_tokens,
-                backend=cfg.eval.backend, temperature=temperature, encoder_specs=cfg.features.encoders,
-                glue=cfg.eval.ensemble_glue, system=system, on_text=on_text)
+    return ALMInference(adapters, backend=cfg.eval.backend, encoder_specs=cfg.features.encoders,
+                        glue=cfg.eval.ensemble_glue)
 
 
 # ---------------------------------------------------------------------------------------------- text preserved

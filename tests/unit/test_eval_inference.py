@@ -469,6 +469,7 @@ def test_cli_chat_prints_the_answer_as_it_comes(exports, write_wav, monkeypatch)
 
     from ralm.cli import main
     from ralm.config import load_config
+    from ralm.model.chat import Dialogue
 
     class Terminal(io.StringIO):  # records each write: an answer printed piece by piece makes many
         def __init__(self):
@@ -498,6 +499,19 @@ def test_cli_chat_prints_the_answer_as_it_comes(exports, write_wav, monkeypatch)
     assert main(["chat", "--config", "demo", f"eval.adapters=[{exports[0]}]", "--audio", clip, "--max-new-tokens",
                  "12", "What do you hear?"]) == 0
     assert out.getvalue() == expected + "\n"
+
+    # No question: a conversation on standard input, one question per line; a follow-up keeps the clip and
+    # the answer before it (what the same dialogue gets from the engine directly).
+    engine = ALMInference([exports[0]], encoder_specs=specs)
+    follow_up = engine.answer(clip, Dialogue((("user", "What do you hear?"), ("assistant", expected),
+                                              ("user", "Is it loud?"))), 12)
+    assert follow_up != engine.answer(clip, "Is it loud?", 12)
+    out = Terminal()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What do you hear?\n\nIs it loud?\n"))
+    assert main(["chat", "--config", "demo", "--audio", clip, "--max-new-tokens", "12",
+                 f"eval.adapters=[{exports[0]}]"]) == 0
+    assert out.getvalue() == expected + "\n" + follow_up + "\n"
 
 
 def test_a_clip_on_a_store_that_is_down_is_the_stores_error(engine, dead_store):
