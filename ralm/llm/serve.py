@@ -36,6 +36,8 @@ from ralm.serve.openai_format import (
     ChunkStream,
     completion,
     error_object,
+    model_card,
+    no_such_model,
     stop_strings,
     unsupported_message,
     unsupported_options,
@@ -125,8 +127,13 @@ class LLMServer:
     # -------------------------------------------------------------------------------- OpenAI HTTP API
     @api.get("/v1/models")
     async def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.served_name, "object": "model", "created": 0,
-                                            "owned_by": "ralm", "max_model_len": self.engine.max_model_len}]}
+        return {"object": "list", "data": [model_card(self.served_name, max_model_len=self.engine.max_model_len)]}
+
+    @api.get("/v1/models/{model}")
+    async def model(self, model: str) -> Any:
+        if model != self.served_name:
+            return JSONResponse(status_code=404, content=no_such_model(model, self.served_name))
+        return model_card(self.served_name, max_model_len=self.engine.max_model_len)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:

@@ -52,6 +52,8 @@ from ralm.serve.openai_format import (
     ChunkStream,
     completion,
     error_object,
+    model_card,
+    no_such_model,
     stop_strings,
     unsupported_message,
     unsupported_options,
@@ -441,8 +443,13 @@ class ALMServer:
 
     @api.get("/v1/models")
     async def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
-                                            "owned_by": "ralm"}]}
+        return {"object": "list", "data": [model_card(self.model_name)]}
+
+    @api.get("/v1/models/{model}")
+    async def model(self, model: str) -> Any:
+        if model != self.model_name:
+            return JSONResponse(status_code=404, content=no_such_model(model, self.model_name))
+        return model_card(self.model_name)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:

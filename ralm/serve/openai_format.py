@@ -67,6 +67,16 @@ def unsupported_message(names: Sequence[str]) -> str:
             "max_tokens/max_completion_tokens, temperature, top_p, seed, stop, n, stream, stream_options)")
 
 
+def model_card(model: str, **extra: Any) -> dict[str, Any]:
+    """A `/v1/models` entry."""
+    return {"id": model, "object": "model", "created": 0, "owned_by": "ralm", **extra}
+
+
+def no_such_model(model: str, served: str) -> dict[str, Any]:
+    return error_object(f"the model {model!r} does not exist; this server serves {served!r}", "model_not_found",
+                        param="model")
+
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}

@@ -55,6 +55,9 @@ def test_serve_openai_client(ray_local, tiny_export, tmp_path):
         assert svc.url.startswith("http://127.0.0.1:")
         client = openai.OpenAI(base_url=svc.url, api_key="unused", max_retries=0, timeout=120)
         assert [m.id for m in client.models.list().data] == [svc.model]
+        assert client.models.retrieve(svc.model).id == svc.model
+        with pytest.raises(openai.NotFoundError, match="does not exist"):
+            client.models.retrieve("gpt-4o")
 
         ok = client.chat.completions.create(model=svc.model, messages=_audio_msg(_wav_bytes(1.0)), max_tokens=6)
         assert ok.choices[0].message.role == "assistant" and ok.choices[0].message.content

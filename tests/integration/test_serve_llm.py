@@ -64,6 +64,9 @@ def test_openai_client_over_http(service, llm_cfg):
     assert service.url.startswith("http://127.0.0.1:")
     client = openai.OpenAI(base_url=service.url, api_key="unused", max_retries=0, timeout=60)
     assert [m.id for m in client.models.list().data] == ["llm-test"]
+    assert client.models.retrieve("llm-test").model_extra["max_model_len"] > 0
+    with pytest.raises(openai.NotFoundError, match="serves 'llm-test'"):
+        client.models.retrieve("other")
     r = client.chat.completions.create(
         model="llm-test", messages=[{"role": "user", "content": "Say hello."}],
         max_tokens=12, temperature=0.8, top_p=0.9, n=2, seed=3,
