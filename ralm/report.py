@@ -38,6 +38,10 @@ def _pct(x: Any) -> str:
     return "—" if x is None else f"{100 * float(x):.1f}%"
 
 
+def _num(x: Any) -> str:
+    return "—" if x is None else f"{float(x):.3g}"
+
+
 def _gaps(vs: dict[str, Any]) -> str:
     """The eval's paired gap to each control with its uncertainty (reports before it had none: "")."""
     return "".join(f" Real minus {name} audio: {describe_vs_control(c)}." for name, c in vs.items())
@@ -92,7 +96,7 @@ def _plots(data: dict[str, Any], out_dir: str) -> dict[str, str]:
     reph = st.get("rephrase", {}).get("report", {})
     if "leak_rate_generated_same_records" in reph:
         fig, ax = plt.subplots(figsize=(5.5, 3.2))
-        vals = [reph.get("leak_rate_generate_dataset") or 0, reph["leak_rate_generated_same_records"] or 0,
+        vals = [reph.get("leak_rate_generated_inputs") or 0, reph["leak_rate_generated_same_records"] or 0,
                 reph["leak_rate_rephrased_same_records"] or 0]
         ax.bar(["all self-generated", "survivors before", "survivors after"], [100 * v for v in vals],
                color=["tab:red", "tab:orange", "tab:green"])
@@ -175,11 +179,11 @@ def render(data: dict[str, Any], images: dict[str, str]) -> str:
         if reph:
             lr, er = reph.get("length_ratio") or {}, reph.get("word_edit_ratio") or {}
             nll = reph.get("nll") or {}
-            out += [f"- leak rate: {_pct(reph.get('leak_rate_generate_dataset'))} of all self-generated targets; on the "
+            out += [f"- leak rate: {_pct(reph.get('leak_rate_generated_inputs'))} of all self-generated targets; on the "
                     f"records that survived rephrasing, self-generated {_pct(reph.get('leak_rate_generated_same_records'))}"
                     f" -> rephrased {_pct(reph.get('leak_rate_rephrased_same_records'))}",
-                    f"- rephrased/original length ratio: mean {lr.get('mean', '—')}; word edit ratio: mean "
-                    f"{er.get('mean', '—')}",
+                    f"- rephrased/original length ratio: mean {_num(lr.get('mean'))}; word edit ratio: mean "
+                    f"{_num(er.get('mean'))}",
                     f"- verified agreement of the final targets: {_pct(reph.get('target_agreement_rate'))}"]
             if nll.get("n"):
                 out.append(f"- frozen LLM mean per-token NLL: original {nll.get('original_mean')}, rephrased "

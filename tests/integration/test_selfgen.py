@@ -140,6 +140,13 @@ def test_stages_on_tiny_corpus(tmp_path: Path, tiny_model: str) -> None:
                 "word_edit_ratio", "nll", "target_agreement_rate", "outcomes", "rejects"):
         assert key in rep
     assert records.is_complete(r_uri) and (run_dir / "rephrase" / "report.md").exists()
+    # The run report shows what the stage measured (it once read a key the stage no longer wrote: "—").
+    from ralm import storage
+    from ralm.report import write_report
+
+    md = storage.read_bytes(write_report(str(run_dir))).decode()
+    assert f"- leak rate: {100 * rep['leak_rate_generated_inputs']:.1f}% of all self-generated targets" in md
+    assert "None" not in md
 
 
 def test_rephrase_llm_path_and_nll(tmp_path: Path, tiny_model: str) -> None:

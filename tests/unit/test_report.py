@@ -17,7 +17,7 @@ def test_full_report_has_every_section_and_plot(tmp_path):
     _stage(tmp_path, "corpus", {"records": 12, "hours": 0.01, "rejects": 2,
                                 "clips": {"speech": {"train": 5, "test": 1}, "sound": {"train": 6}}},
            ["corrupt", "silent"])
-    _stage(tmp_path, "rephrase", {"leak_rate_generate_dataset": 0.6, "leak_rate_generated_same_records": 0.5, "leak_rate_rephrased_same_records": 0.05,
+    _stage(tmp_path, "rephrase", {"leak_rate_generated_inputs": 0.6, "leak_rate_generated_same_records": 0.5, "leak_rate_rephrased_same_records": 0.05,
                                   "length_ratio": {"mean": 1.02}, "word_edit_ratio": {"mean": 0.2},
                                   "target_agreement_rate": 1.0}, ["unparseable"])
     _stage(tmp_path, "train", {"steps": 3, "num_workers": 2, "samples_per_s": 4.0, "first_loss": 3.0,
