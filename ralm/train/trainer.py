@@ -111,7 +111,7 @@ def run(cfg: RalmConfig, run_dir: str, *, crash: dict[str, Any] | None = None,
 
 def render_report(r: dict[str, Any]) -> str:
     def f(x: Any) -> str:
-        return f"{x:.4f}" if isinstance(x, float) else str(x)
+        return f"{x:.4f}" if isinstance(x, float) else "—" if x is None else str(x)
 
     rows = ["steps", "planned_steps", "num_workers", "samples_seen", "samples_per_s", "first_loss", "final_loss",
             "final_loss_avg5", "padding_pct", "restarts", "resumed_from_step", "zero_stage", "precision", "device"]
