@@ -304,7 +304,9 @@ class AlmServeConfig(Section):
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
-    max_ongoing_requests: int = Field(8, ge=1)
+    max_ongoing_requests: int = Field(32, ge=1, description="Requests a replica holds at once: above "
+                                      "max_batch_size, so the next batch forms while one runs (80 concurrent "
+                                      "clients on 2 cores: full batches of 8, none retried by Serve's router)")
     max_audio_mb: float = Field(16.0, gt=0, description="Largest decoded-before audio payload accepted")
     max_audio_seconds: float = Field(60.0, gt=0, description="Longest clip accepted (ALARM keeps <= 60 s)")
     max_new_tokens: int = Field(512, ge=1, description="Upper bound on a request's max_tokens")
