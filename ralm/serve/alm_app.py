@@ -214,6 +214,9 @@ def _audio_url_part(obj: Any, param: str) -> dict[str, str]:
     return {"data": url, "format": fmt}
 
 
+_URLSAFE = str.maketrans("-_", "+/")
+
+
 def _decode_audio_part(obj: Any, max_bytes: int, param: str) -> tuple[bytes, str]:
     if not isinstance(obj, dict) or not isinstance(obj.get("data"), str):
         raise RequestError(400, "input_audio must be {\"data\": <base64>, \"format\": \"wav\"|\"mp3\"|...}",
@@ -228,8 +231,10 @@ def _decode_audio_part(obj: Any, max_bytes: int, param: str) -> tuple[bytes, str
     if len(data) * 3 // 4 > max_bytes:  # refuse before decoding a huge payload
         raise RequestError(413, f"input_audio is about {len(data) * 3 // 4 / 2**20:.1f} MB > limit "
                            f"{max_bytes / 2**20:.1f} MB", "audio_too_large", param)
+    # As clients send it: wrapped at 76 columns (`base64` on the command line), URL-safe, unpadded.
+    data = "".join(data.split()).translate(_URLSAFE)
     try:
-        raw = base64.b64decode(data, validate=True)
+        raw = base64.b64decode(data + "=" * (-len(data) % 4), validate=True)
     except (binascii.Error, ValueError) as e:
         raise RequestError(400, f"input_audio.data is not valid base64 ({e})", "invalid_audio", param) from None
     if not raw:
