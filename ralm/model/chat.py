@@ -39,8 +39,8 @@ class Dialogue:
         roles = [r for r, _ in self.turns]
         if not roles or roles[0] != "user" or roles[-1] != "user" or set(roles) - {"user", "assistant"}:
             raise ValueError(f"a dialogue is user and assistant turns, user first and last (got {roles})")
-        if roles[self.audio_turn] != "user":
-            raise ValueError(f"the audio must be in a user turn (turn {self.audio_turn} is {roles[self.audio_turn]})")
+        if not 0 <= self.audio_turn < len(roles) or roles[self.audio_turn] != "user":
+            raise ValueError(f"the audio must be in a user turn (turn {self.audio_turn} of {roles})")
 
 
 Question = str | Dialogue  # one user question (as trained) or a conversation

@@ -165,7 +165,7 @@ def test_a_conversation_keeps_the_trained_layout_around_the_audio(alm: ALM):
                                     add_generation_prompt=True)
     assert lay.text_prompt_ids(Dialogue(follow_up)) == tok(plain, add_special_tokens=False)["input_ids"]
     for turns, audio_turn in [((("assistant", "A"), ("user", "Q")), 0), ((("user", "Q"), ("assistant", "A")), 0),
-                              (follow_up, 1), ((("user", "Q"), ("tool", "{}"), ("user", "Q")), 0)]:
+                              (follow_up, 1), (follow_up, 3), ((("user", "Q"), ("tool", "{}"), ("user", "Q")), 0)]:
         with pytest.raises(ValueError):
             Dialogue(turns, audio_turn)
 
