@@ -37,7 +37,7 @@ from ralm.serve.openai_format import (
     completion,
     error_object,
     model_card,
-    no_such_model,
+    retrieve_model,
     stop_strings,
     unsupported_message,
     unsupported_options,
@@ -131,9 +131,7 @@ class LLMServer:
 
     @api.get("/v1/models/{model}")
     async def model(self, model: str) -> Any:
-        if model != self.served_name:
-            return JSONResponse(status_code=404, content=no_such_model(model, self.served_name))
-        return model_card(self.served_name, max_model_len=self.engine.max_model_len)
+        return retrieve_model(model, self.served_name, max_model_len=self.engine.max_model_len)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:

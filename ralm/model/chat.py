@@ -27,6 +27,12 @@ SENTINEL = "\u2063RALM_AUDIO\u2063"
 FIRST_TURN = "\u2063RALM_TURN\u2063"  # marks where the first user turn's content starts
 
 
+def check_turns(roles: Sequence[str]) -> None:
+    """A conversation's non-system roles: user and assistant turns, user first and last (ValueError)."""
+    if not roles or roles[0] != "user" or roles[-1] != "user" or set(roles) - {"user", "assistant"}:
+        raise ValueError(f"send user and assistant messages, user first and last (got roles {list(roles)})")
+
+
 @dataclass(frozen=True)
 class Dialogue:
     """A conversation about one clip: its non-system turns as (role, text), user first and last, the
@@ -37,8 +43,7 @@ class Dialogue:
 
     def __post_init__(self) -> None:
         roles = [r for r, _ in self.turns]
-        if not roles or roles[0] != "user" or roles[-1] != "user" or set(roles) - {"user", "assistant"}:
-            raise ValueError(f"a dialogue is user and assistant turns, user first and last (got {roles})")
+        check_turns(roles)
         if not 0 <= self.audio_turn < len(roles) or roles[self.audio_turn] != "user":
             raise ValueError(f"the audio must be in a user turn (turn {self.audio_turn} of {roles})")
 

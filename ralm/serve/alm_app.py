@@ -45,7 +45,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from ralm.eval.inference import ClientGone
-from ralm.model.chat import Dialogue, Question
+from ralm.model.chat import Dialogue, Question, check_turns
 from ralm.serve.batching import Entry, MicroBatcher
 from ralm.serve.openai_format import (
     DONE,
@@ -53,7 +53,7 @@ from ralm.serve.openai_format import (
     completion,
     error_object,
     model_card,
-    no_such_model,
+    retrieve_model,
     stop_strings,
     unsupported_message,
     unsupported_options,
@@ -105,29 +105,27 @@ def _text_content(content: Any, param: str) -> str:
     raise RequestError(400, f"{param} must be text (a string or text parts)", "invalid_request", param)
 
 
-def _user_content(content: Any, i: int, max_audio_bytes: int) -> tuple[str, tuple[bytes, str] | None]:
-    """A user message's text (its text parts joined) and its audio part, if any."""
+def _user_content(content: Any, i: int, max_audio_bytes: int) -> tuple[str, list[tuple[str, tuple[bytes, str]]]]:
+    """A user message's text (its text parts joined) and its audio parts as (param, (bytes, format))."""
     parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
     if not isinstance(parts, list):
         raise RequestError(400, "message content must be a string or a list of content parts", "invalid_request",
                            f"messages[{i}].content")
-    texts, clip = [], None
+    texts, clips = [], []
     for j, part in enumerate(parts):
         kind = part.get("type") if isinstance(part, dict) else None
         param = f"messages[{i}].content[{j}]"
         if kind == "text":
             texts.append(str(part.get("text") or ""))
         elif kind in ("input_audio", "audio_url"):
-            if clip is not None:
-                raise RequestError(400, "at most one audio part per request", "unsupported", param)
             obj = part.get(kind)
             if kind == "audio_url":  # vLLM's audio part: {"audio_url": {"url": "data:audio/wav;base64,..."}}
                 obj = _audio_url_part(obj, param)
-            clip = _decode_audio_part(obj, max_audio_bytes, param)
+            clips.append((param, _decode_audio_part(obj, max_audio_bytes, param)))
         else:
             raise RequestError(400, f"content part type {kind!r} is not supported (use text and input_audio)",
                                "unsupported", param)
-    return "\n".join(t for t in texts if t).strip(), clip
+    return "\n".join(t for t in texts if t).strip(), clips
 
 
 def parse_request(body: Any, max_audio_bytes: int, max_new_tokens: int) -> ParsedRequest:
@@ -140,10 +138,10 @@ def parse_request(body: Any, max_audio_bytes: int, max_new_tokens: int) -> Parse
                            "messages")
     roles = [m.get("role") for m in messages]
     n_system = next((i for i, r in enumerate(roles) if r not in ("system", "developer")), len(roles))
-    turns = roles[n_system:]
-    if not turns or turns[0] != "user" or turns[-1] != "user" or set(turns) - {"user", "assistant"}:
-        raise RequestError(400, "send user and assistant messages, user first and last, after any system "
-                           f"messages (got roles {roles})", "invalid_request", "messages")
+    try:
+        check_turns(roles[n_system:])
+    except ValueError as e:
+        raise RequestError(400, f"{e}, after any system messages", "invalid_request", "messages") from None
     system = "\n\n".join(_text_content(m.get("content"), f"messages[{i}].content")
                           for i, m in enumerate(messages[:n_system])) if n_system else None
     stream = body.get("stream") is True
@@ -161,15 +159,16 @@ def parse_request(body: Any, max_audio_bytes: int, max_new_tokens: int) -> Parse
         raise RequestError(400, f"n must be an integer from 1 to {MAX_CHOICES}", "invalid_request", "n")
     turn_texts: list[tuple[str, str]] = []
     audio, fmt, audio_turn = None, None, 0
-    for k, (i, message) in enumerate(list(enumerate(messages))[n_system:]):
+    for i in range(n_system, len(messages)):
+        content = messages[i].get("content")
         if roles[i] == "assistant":
-            turn_texts.append(("assistant", _text_content(message.get("content"), f"messages[{i}].content")))
+            turn_texts.append(("assistant", _text_content(content, f"messages[{i}].content")))
             continue
-        text, clip = _user_content(message.get("content"), i, max_audio_bytes)
-        if clip is not None and audio is not None:
-            raise RequestError(400, "at most one audio part per request", "unsupported", f"messages[{i}].content")
-        if clip is not None:
-            (audio, fmt), audio_turn = clip, k
+        text, clips = _user_content(content, i, max_audio_bytes)
+        for param, clip in clips:
+            if audio is not None:
+                raise RequestError(400, "at most one audio part per request", "unsupported", param)
+            (audio, fmt), audio_turn = clip, len(turn_texts)
         turn_texts.append(("user", text))
     if not any(text for _, text in turn_texts) and audio is None:
         raise RequestError(400, "the messages have neither text nor audio", "invalid_request", "messages")
@@ -452,9 +451,7 @@ class ALMServer:
 
     @api.get("/v1/models/{model}")
     async def model(self, model: str) -> Any:
-        if model != self.model_name:
-            return JSONResponse(status_code=404, content=no_such_model(model, self.model_name))
-        return model_card(self.model_name)
+        return retrieve_model(model, self.model_name)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:

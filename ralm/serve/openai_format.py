@@ -10,6 +10,8 @@ import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from fastapi.responses import JSONResponse
+
 DONE = "data: [DONE]\n\n"
 
 
@@ -22,8 +24,9 @@ def stop_strings(stop: Any) -> tuple[str, ...]:
 
 
 # Request options that change what an answer is (token log-probabilities, tool calls, JSON mode, sampling
-# penalties and filters, audio output, constrained decoding). Neither endpoint implements them, and a client that set one must not get an
-# answer that silently ignored it: a 400 naming them instead. Their default values pass.
+# penalties and filters, audio output, constrained decoding). Neither endpoint implements them, and a client
+# that set one must not get an answer that silently ignored it: a 400 naming them instead. Their default
+# values pass.
 _NOT_IMPLEMENTED: dict[str, Any] = {
     "logprobs": lambda v: not v,
     "top_logprobs": lambda v: not v,
@@ -72,9 +75,12 @@ def model_card(model: str, **extra: Any) -> dict[str, Any]:
     return {"id": model, "object": "model", "created": 0, "owned_by": "ralm", **extra}
 
 
-def no_such_model(model: str, served: str) -> dict[str, Any]:
-    return error_object(f"the model {model!r} does not exist; this server serves {served!r}", "model_not_found",
-                        param="model")
+def retrieve_model(model: str, served: str, **extra: Any) -> Any:
+    """`GET /v1/models/{model}`: the served model's card, or a 404 naming the model that is served."""
+    if model == served:
+        return model_card(served, **extra)
+    return JSONResponse(status_code=404, content=error_object(
+        f"the model {model!r} does not exist; this server serves {served!r}", "model_not_found", param="model"))
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
