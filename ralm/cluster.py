@@ -60,7 +60,13 @@ def init_ray(ray_cfg: Any | None = None, **overrides: Any) -> Any:
         dashboard = bool(getattr(ray_cfg, "include_dashboard", False)) if ray_cfg else False
         for key, value in _local_ray_env(dashboard).items():
             os.environ.setdefault(key, value)
+        running = _running_local_cluster()
+        if running:
+            log.warning("a Ray cluster started with `ray start` runs on this machine (%s); starting a separate "
+                        "local Ray as configured (set ray.address: auto, or RAY_ADDRESS, to run on that one)",
+                        running)
         ray.init(
+            address="local",  # never attach by accident: Ray's default joins a `ray start` cluster it finds
             num_cpus=num_cpus,
             include_dashboard=dashboard,
             dashboard_host="127.0.0.1",
@@ -71,6 +77,16 @@ def init_ray(ray_cfg: Any | None = None, **overrides: Any) -> Any:
         )
     _quiet_ray_data()
     return ray.get_runtime_context()
+
+
+def _running_local_cluster() -> str | None:
+    """The address Ray's own lookup would attach to (the last `ray start` on this machine), if any."""
+    try:
+        from ray._private.utils import read_ray_address
+
+        return read_ray_address()
+    except Exception:  # a private helper: its absence only costs the warning
+        return None
 
 
 def _local_ray_env(dashboard: bool) -> dict[str, str]:

@@ -29,6 +29,7 @@ from ralm import storage
 from ralm.config import RalmConfig
 from ralm.model.alm import ALM
 from ralm.train import data as D
+from ralm.train.jit_ops import load_comm_op
 
 log = logging.getLogger(__name__)
 STATE = "state.json"
@@ -151,6 +152,7 @@ def train_func(config: dict[str, Any]) -> None:
     total_steps = int(config["total_steps"])
     opt = torch.optim.AdamW(alm.trainable_parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total_steps, tc.warmup_steps))
+    load_comm_op()  # before DeepSpeed builds it: a lock left by a killed build would hang it forever
     engine, _, _, _ = deepspeed.initialize(model=alm.frontend, optimizer=opt, lr_scheduler=sched,
                                            config=ds_config(tc, use_gpu), dist_init_required=False)
 

@@ -28,17 +28,20 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ray_head():
-    """A separate head node (its own ports and temp dir); --block ties its life to this process."""
+def ray_head_node():
+    """A separate head node (its own ports and temp dir); --block ties its life to this process. Yields
+    its dashboard address and the RAY_TMPDIR under which Ray's lookup finds it (as `ray start` with no
+    options is found under /tmp)."""
     bin_dir = Path(sys.executable).parent
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
     gcs, dash, agent, agent_grpc, renv, metrics = (_free_port() for _ in range(6))
     temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's unix socket paths have a length limit
+    ray_temp = os.path.join(temp, "ray")
     proc = subprocess.Popen(
         [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=4", "--include-dashboard=true",
-         f"--temp-dir={temp}", "--disable-usage-stats",
+         f"--temp-dir={ray_temp}", "--disable-usage-stats",
          # Every port explicit: other Ray clusters on this machine (tests, other users) hold the defaults.
          f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
          f"--runtime-env-agent-port={renv}", f"--metrics-export-port={metrics}"],
@@ -56,13 +59,56 @@ def ray_head():
                 proc.kill()
                 pytest.fail("ray start --head did not come up")
             time.sleep(1)
-    yield address
+    yield address, temp
     proc.terminate()
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)
     shutil.rmtree(temp, ignore_errors=True)  # the head's session logs and sockets
+
+
+@pytest.fixture(scope="module")
+def ray_head(ray_head_node) -> str:
+    return ray_head_node[0]
+
+
+_INIT = """
+import json, ray
+from ralm.cluster import init_ray
+from ralm.config import RayConfig
+init_ray(RayConfig(address={address!r}, num_cpus=2))
+print(json.dumps({{"cpus": ray.cluster_resources()["CPU"], "gcs": ray.get_runtime_context().gcs_address}}))
+"""
+
+
+def test_a_local_run_never_attaches_to_a_ray_start_cluster_by_accident(ray_head_node):
+    """Ray's default joins the last `ray start` cluster on the machine, where ralm's sizing arguments
+    are refused ("When connecting to an existing cluster, num_cpus ... must not be provided"): every
+    local run crashed while one was up. Unset, ralm starts its own local Ray (and says so); `auto`
+    attaches."""
+    import json
+
+    _, ray_tmpdir = ray_head_node
+    env = dict(os.environ, RAY_TMPDIR=ray_tmpdir, RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    address_file = Path(ray_tmpdir, "ray", "ray_current_cluster")  # `ray start` writes it once it is up
+    deadline = time.time() + 60
+    while not address_file.exists() and time.time() < deadline:
+        time.sleep(0.5)
+    head_gcs = address_file.read_text().strip()
+
+    def init(address: str | None) -> tuple[dict, str]:
+        out = subprocess.run([sys.executable, "-c", _INIT.format(address=address)], env=env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1]), out.stderr
+
+    local, log = init(None)
+    assert local["cpus"] == 2 and local["gcs"] != head_gcs
+    assert "starting a separate local Ray" in log and head_gcs in log
+    attached, _ = init("auto")
+    assert attached["cpus"] == 4 and attached["gcs"] == head_gcs
 
 
 def test_submit_corpus_stage_as_ray_job(ray_head, tmp_path, capsys):
