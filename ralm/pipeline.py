@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from ralm import records, storage
 from ralm.config import RalmConfig
+from ralm.lease import run_lease
 
 log = logging.getLogger(__name__)
 
@@ -208,14 +209,15 @@ def run_stage(name: str, cfg: RalmConfig, run_dir: str | None = None, *, redo_fi
     finished with other settings is refused (StageConfigChanged), unless it is one that reruns."""
     run_dir = storage.absolute(run_dir or cfg.storage.run_dir)
     storage.configure(cfg.storage)
-    if name in STAGES:
-        if redo_first:
-            redo(cfg, run_dir, [name])
-        changes = config_changes(cfg, run_dir, name)
-        if changes and STAGES[name].on_change == "refuse":
-            raise _refuse(cfg, run_dir, name, changes)
-        _record_config(cfg, run_dir, name)
-    return STAGES[name].load()(cfg, run_dir, **kwargs)
+    with run_lease(run_dir, name):
+        if name in STAGES:
+            if redo_first:
+                redo(cfg, run_dir, [name])
+            changes = config_changes(cfg, run_dir, name)
+            if changes and STAGES[name].on_change == "refuse":
+                raise _refuse(cfg, run_dir, name, changes)
+            _record_config(cfg, run_dir, name)
+        return STAGES[name].load()(cfg, run_dir, **kwargs)
 
 
 def _uses_llm_service(cfg: RalmConfig, name: str) -> bool:
@@ -252,6 +254,12 @@ def run_all(cfg: RalmConfig, run_dir: str | None = None, stages: list[str] | Non
     them); returns wall time per stage. Stops before any work if a stage's settings changed."""
     run_dir = storage.absolute(run_dir or cfg.storage.run_dir)
     storage.configure(cfg.storage)
+    with run_lease(run_dir, "run"):
+        return _run_all(cfg, run_dir, stages, redo_stages)
+
+
+def _run_all(cfg: RalmConfig, run_dir: str, stages: list[str] | None,
+             redo_stages: list[str] | None) -> dict[str, Any]:
     selected = stages or list(ORDER)
     if redo_stages:
         redo(cfg, run_dir, redo_stages)

@@ -26,6 +26,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.children import die_with_parent
+
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("corpus", "prompts", "generate", "rephrase", "features", "train", "eval")
 
@@ -146,7 +148,7 @@ def start_run(config: Path, run_dir: Path, log: Path, *extra: str) -> Driver:
            *extra]
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
     return Driver(proc, log, marker, ray_tmp)
 
 

@@ -21,6 +21,7 @@ import pytest
 
 from ralm import records
 from ralm.config import RalmConfig
+from tests.children import die_with_parent
 
 LONG = " ".join(["lorem ipsum dolor sit amet"] * 300)  # far over a 384-token context
 
@@ -197,7 +198,7 @@ def _run_driver(cfg: RalmConfig, run_dir: Path, kill_after_parts: int | None) ->
     cfg_path.write_text(cfg.model_dump_json())
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.Popen([sys.executable, "-c", _DRIVER, str(cfg_path), str(run_dir)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=die_with_parent)
     data = run_dir / "generate" / "data"
     killed = False
     while proc.poll() is None:

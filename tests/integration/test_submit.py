@@ -14,6 +14,7 @@ import pytest
 from ralm import records
 from ralm.cli import main
 from tests import fixture_trees
+from tests.children import die_with_parent
 from tests.e2e.tiny_pipeline import STAGES, assert_complete, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,7 +46,8 @@ def ray_head_node():
          # Every port explicit: other Ray clusters on this machine (tests, other users) hold the defaults.
          f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
          f"--runtime-env-agent-port={renv}", f"--metrics-export-port={metrics}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        preexec_fn=die_with_parent)  # and its reaper takes the head's processes down with it
     address = f"http://127.0.0.1:{dash}"
     from ralm.submit import job_client
 
