@@ -56,7 +56,16 @@ def load_comm_op() -> Any | None:
             log.warning("compiling DeepSpeed's %s op for this machine (once; cached in %s)", builder.name,
                         build_dir)
         start = time.monotonic()
-        module = builder.load(verbose=False)
+        try:
+            module = builder.load(verbose=False)
+        except Exception as e:  # no compiler in the image, say: gloo's own all-reduce still works
+            import deepspeed.ops
+
+            deepspeed.ops.__compatible_ops__[builder.NAME] = False  # DeepSpeed then skips it too
+            log.warning("could not build DeepSpeed's %s op (%s: %s); training goes on with torch's gloo "
+                        "all-reduce (slower between CPU workers on one node; install g++ and ninja to "
+                        "build it)", builder.name, type(e).__name__, (str(e).strip().splitlines() or [""])[-1])
+            return None
         if fresh:
             log.warning("compiled %s in %.0f s", builder.name, time.monotonic() - start)
     return module

@@ -95,3 +95,17 @@ def test_training_start_survives_a_killed_build(tmp_path):
     assert "a build of this op was killed" in out.stderr
     assert not (build_dir / "lock").exists()
     assert any(build_dir.glob("*.so"))
+
+
+def test_without_a_compiler_training_falls_back_to_gloo(tmp_path):
+    """A worker image with no C++ compiler: the op cannot be built, DeepSpeed must not try again (it
+    would raise inside `deepspeed.initialize`), and its comm backend starts without it."""
+    if jit_ops.comm_op_builder() is None:
+        pytest.skip("DeepSpeed loads no JIT comm op on this accelerator")
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), CXX=str(tmp_path / "no-such-c++"))
+    code = ("import logging; logging.basicConfig(level=logging.INFO)\n"
+            "from ralm.train.jit_ops import load_comm_op\nassert load_comm_op() is None\n"
+            "from deepspeed.comm.torch import build_shm_op\nassert build_shm_op() is None\nprint('fallback')")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "fallback" in out.stdout and "training goes on with torch's gloo all-reduce" in out.stderr
