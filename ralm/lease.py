@@ -137,13 +137,13 @@ def run_lease(run_dir: str, command: str, *, heartbeat_s: float = HEARTBEAT_S,
 
 def _heartbeat(uri: str, lease: dict[str, Any], stop: threading.Event, every_s: float) -> None:
     while not stop.wait(every_s):
-        current = _read(uri)
-        if current is not None and current.get("token") != lease["token"]:
-            log.error("the lease on %s was taken over by %s; this run's writes may now collide with it",
-                      uri, describe(current, time.time()))
-            return
-        lease["heartbeat"] = time.time()
         try:
+            current = _read(uri)
+            if current is not None and current.get("token") != lease["token"]:
+                log.error("the lease on %s was taken over by %s; this run's writes may now collide with it",
+                          uri, describe(current, time.time()))
+                return
+            lease["heartbeat"] = time.time()
             storage.write_bytes_atomic(uri, json.dumps(lease).encode())
-        except Exception as e:  # a flaky store must not kill the run; a long outage lets the lease go stale
+        except Exception as e:  # a flaky store must not stop the heartbeat; a long outage lets it go stale
             log.warning("could not renew the lease %s: %s", uri, e)
