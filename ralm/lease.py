@@ -67,17 +67,28 @@ def describe(lease: dict[str, Any], now: float) -> str:
             f"started {started}, last heartbeat {now - float(lease.get('heartbeat', 0)):.0f} s ago)")
 
 
-def _read(uri: str) -> dict[str, Any] | None:
+def current_lease(run_dir: str) -> dict[str, Any] | None:
+    """The lease on `run_dir` as its holder last wrote it, or None."""
+    return _read(storage.join(run_dir, LEASE_FILE))
+
+
+def _read(uri: str, attempts: int = 5) -> dict[str, Any] | None:
     fs, path = storage.filesystem(uri)
-    fs.invalidate_cache(path)  # another process rewrites it: never trust s3fs's cached size or listing
-    try:
-        with fs.open(path, "rb") as f:
-            return json.loads(f.read())
-    except FileNotFoundError:
-        return None
-    except (ValueError, TypeError):  # torn or hand-edited: treat as no lease rather than block forever
-        log.warning("ignoring an unreadable lease file %s", uri)
-        return None
+    for attempt in range(attempts):
+        fs.invalidate_cache(path)  # another process rewrites it: never trust s3fs's cached size or listing
+        try:
+            with fs.open(path, "rb") as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError):  # torn or hand-edited: treat as no lease rather than block forever
+            log.warning("ignoring an unreadable lease file %s", uri)
+            return None
+        except OSError:  # S3: rewritten between the HEAD and the GET (s3fs's FileExpired): read it again
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.1 * (attempt + 1))
+    return None
 
 
 @contextlib.contextmanager

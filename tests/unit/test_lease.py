@@ -95,7 +95,10 @@ def test_the_lease_lives_on_s3_too(s3_bucket):
         with lease.run_lease(run_dir, "run"):
             pass
     _plant(run_dir, heartbeat=0)
-    with lease.run_lease(run_dir, "run", heartbeat_s=0.05):
-        time.sleep(0.3)
-        assert json.loads(storage.read_bytes(f"{run_dir}/{lease.LEASE_FILE}"))["host"] == socket.gethostname()
+    with lease.run_lease(run_dir, "run", heartbeat_s=0.1):
+        first = lease.current_lease(run_dir)
+        for _ in range(40):  # reads race the heartbeat's rewrites on purpose (each one a new ETag on S3)
+            renewed = lease.current_lease(run_dir)
+            time.sleep(0.01)
+        assert renewed["host"] == socket.gethostname() and renewed["heartbeat"] > first["heartbeat"]
     assert not storage.exists(f"{run_dir}/{lease.LEASE_FILE}")
