@@ -33,8 +33,7 @@ class RunDirBusy(RuntimeError):
     """Another live run holds the run dir."""
 
 
-_held: dict[str, int] = {}  # run dir -> nesting depth held by this process (run_all holds it around run_stage)
-_held_lock = threading.Lock()
+_held: set[str] = set()  # run dirs this process holds (run_all holds one around each run_stage)
 
 
 def _alive_here(pid: int) -> bool:
@@ -95,18 +94,8 @@ def _read(uri: str, attempts: int = 5) -> dict[str, Any] | None:
 def run_lease(run_dir: str, command: str, *, heartbeat_s: float = HEARTBEAT_S,
               stale_after_s: float = STALE_AFTER_S) -> Iterator[None]:
     """Hold the run dir's lease for the block; RunDirBusy if a live run holds it. Reentrant in a process."""
-    with _held_lock:
-        if _held.get(run_dir):
-            _held[run_dir] += 1
-            nested = True
-        else:
-            nested = False
-    if nested:
-        try:
-            yield
-        finally:
-            with _held_lock:
-                _held[run_dir] -= 1
+    if run_dir in _held:  # nested: the outermost holder renews and releases it
+        yield
         return
 
     uri = storage.join(run_dir, LEASE_FILE)
@@ -127,8 +116,7 @@ def run_lease(run_dir: str, command: str, *, heartbeat_s: float = HEARTBEAT_S,
     if mine is None or mine.get("token") != token:  # two starts in the same instant: the last write won
         raise RunDirBusy(f"{run_dir} was taken by another run starting at the same time"
                          + (f": {describe(mine, time.time())}" if mine else ""))
-    with _held_lock:
-        _held[run_dir] = 1
+    _held.add(run_dir)
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(uri, lease, stop, heartbeat_s), name="ralm-lease",
                             daemon=True)
@@ -138,8 +126,7 @@ def run_lease(run_dir: str, command: str, *, heartbeat_s: float = HEARTBEAT_S,
     finally:
         stop.set()
         beat.join(timeout=60)
-        with _held_lock:
-            _held.pop(run_dir, None)
+        _held.discard(run_dir)
         current = _read(uri)
         if current is not None and current.get("token") == token:
             with contextlib.suppress(Exception):  # a store gone at exit: the heartbeat runs out by itself
