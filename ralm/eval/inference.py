@@ -101,11 +101,10 @@ Seeds = int | None | Sequence[int | None]  # one seed for every prompt, or one p
 
 
 def per_prompt_seeds(seed: Seeds, n: int) -> list[int | None]:
-    if seed is None or isinstance(seed, int):
-        return [seed] * n
-    if len(seed) != n:
-        raise ValueError(f"{len(seed)} seeds for {n} prompts")
-    return list(seed)
+    seeds = list(seed) if isinstance(seed, Sequence) else [seed] * n  # one seed (int, numpy int) for all
+    if len(seeds) != n:
+        raise ValueError(f"{len(seeds)} seeds for {n} prompts")
+    return [None if s is None else int(s) for s in seeds]
 
 
 def per_prompt(on_text: OnTexts, n: int) -> list[OnText | None]:

@@ -244,6 +244,17 @@ def test_n_streamed_answers_come_token_by_token_under_their_indices(engine, writ
         assert chunks[-1]["usage"]["completion_tokens"] == sum(g.completion_tokens for g in alone)
 
 
+def test_one_seed_or_one_per_prompt():
+    import numpy as np
+
+    from ralm.eval.inference import per_prompt_seeds
+
+    assert per_prompt_seeds(np.int64(7), 3) == [7, 7, 7] and type(per_prompt_seeds(np.int64(7), 1)[0]) is int
+    assert per_prompt_seeds(None, 2) == [None, None] and per_prompt_seeds((1, None), 2) == [1, None]
+    with pytest.raises(ValueError, match="1 seeds for 2 prompts"):
+        per_prompt_seeds([1], 2)
+
+
 def test_transformers_backend_samples_each_prompt_with_its_own_seed(engine, write_wav):
     _assert_seeds_are_per_prompt(engine, str(write_wav("tone.wav", seconds=1.0, freq=440)))
 
