@@ -337,6 +337,8 @@ class VLLMBackend(Backend):
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
+        from ralm.llm.engines.vllm import llvmlite_vars_shim
+
         kwargs: dict[str, Any] = dict(model=llm_path, tokenizer=llm_path, enable_prompt_embeds=True,
                                       max_model_len=max_model_len, dtype=dtype, enforce_eager=not gpu, seed=0,
                                       disable_log_stats=True)
@@ -344,6 +346,7 @@ class VLLMBackend(Backend):
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         else:
             kwargs["kv_cache_memory_bytes"] = int(cpu_kvcache_gb * (1 << 30))
+        llvmlite_vars_shim()
         self.llm = LLM(**kwargs)
         self.dtype = alm.llm.get_input_embeddings().weight.dtype
         self._lock = threading.Lock()

