@@ -328,27 +328,15 @@ class TransformersBackend(Backend):
 
 @register_backend("vllm")
 class VLLMBackend(Backend):
-    """The frozen LLM in vLLM, fed the ALM's prompt embeddings (`enable_prompt_embeds`)."""
+    """The frozen LLM in vLLM, fed the ALM's prompt embeddings (`enable_prompt_embeds`). `llm`: the run's
+    `llm` config section (dtype, max_model_len, tensor_parallel_size, gpu_memory_utilization, KV cache on
+    CPU, ...; its `model` is not used: the adapter names its LLM), started as the text stages start it."""
 
-    def __init__(self, alm: Any, llm_path: str, max_model_len: int = 4096, gpu_memory_utilization: float = 0.85,
-                 dtype: str = "auto", cpu_kvcache_gb: float = 1.0, **_: Any):
-        gpu = torch.cuda.is_available()
-        if not gpu:
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        from vllm import LLM
+    def __init__(self, alm: Any, llm_path: str, llm: dict[str, Any] | None = None, **_: Any):
+        from ralm.config import LLMConfig
+        from ralm.llm.engines.vllm import start_vllm
 
-        from ralm.llm.engines.vllm import llvmlite_vars_shim
-
-        kwargs: dict[str, Any] = dict(model=llm_path, tokenizer=llm_path, enable_prompt_embeds=True,
-                                      max_model_len=max_model_len, dtype=dtype, enforce_eager=not gpu, seed=0,
-                                      disable_log_stats=True)
-        if gpu:
-            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-        else:
-            kwargs["kv_cache_memory_bytes"] = int(cpu_kvcache_gb * (1 << 30))
-        llvmlite_vars_shim()
-        self.llm = LLM(**kwargs)
-        self.dtype = alm.llm.get_input_embeddings().weight.dtype
+        self.llm = start_vllm(llm_path, LLMConfig.model_validate(llm or {}), enable_prompt_embeds=True)
         self._lock = threading.Lock()
 
     def generate(self, prompts: Sequence[dict[str, Any]], max_new_tokens: int, temperature: float = 0.0,
@@ -688,7 +676,12 @@ def chat_engine(cfg: Any, run_dir: str | None = None) -> ALMInference:
     storage.configure(cfg.storage)
     adapters = default_adapters(cfg, run_dir or cfg.storage.run_dir)
     return ALMInference(adapters, backend=cfg.eval.backend, encoder_specs=cfg.features.encoders,
-                        glue=cfg.eval.ensemble_glue)
+                        glue=cfg.eval.ensemble_glue, backend_options=backend_options(cfg))
+
+
+def backend_options(cfg: Any) -> dict[str, Any]:
+    """What the run's config tells the inference back end: the `llm` section (how vLLM starts)."""
+    return {"llm": cfg.llm.model_dump(mode="json")}
 
 
 # ---------------------------------------------------------------------------------------------- text preserved
@@ -735,7 +728,8 @@ class InferenceActor:
     def __init__(self, export_dirs: Sequence[str], backend: str = "transformers", max_new_tokens: int = 64,
                  encoder_specs: Sequence[dict[str, Any]] = (), glue: str = DEFAULT_GLUE,
                  temperature: float = 0.0, torch_threads: int | None = None, answer_mode: str = "generate",
-                 reply_prefix: str = "", storage_cfg: Any | None = None):
+                 reply_prefix: str = "", storage_cfg: Any | None = None,
+                 backend_options: dict[str, Any] | None = None):
         from ralm import storage
 
         if storage_cfg is not None:  # the worker reads adapters and audio from the run's store
@@ -744,7 +738,8 @@ class InferenceActor:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.engine = ALMInference(list(export_dirs), backend=backend, glue=glue,
-                                   encoder_specs=[EncoderSpec.model_validate(s) for s in encoder_specs])
+                                   encoder_specs=[EncoderSpec.model_validate(s) for s in encoder_specs],
+                                   backend_options=backend_options)
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
 
@@ -784,7 +779,8 @@ class InferenceActor:
 def batch_infer(ds: Any, export_dirs: Sequence[str], *, backend: str = "transformers", max_new_tokens: int = 64,
                 batch_size: int = 8, concurrency: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0,
                 encoder_specs: Sequence[EncoderSpec] = (), glue: str = DEFAULT_GLUE, temperature: float = 0.0,
-                answer_mode: str = "generate", reply_prefix: str = "", storage_cfg: Any | None = None) -> Any:
+                answer_mode: str = "generate", reply_prefix: str = "", storage_cfg: Any | None = None,
+                backend_options: dict[str, Any] | None = None) -> Any:
     """A Ray Data job: `ds` rows {id, audio (URI or ''), question} -> the same rows with the ALM's output.
     `answer_mode="likelihood"|"pmi"`: rows also carry `choices` (a JSON list); the output is the best-scoring one
     (see `ALMInference.choice_logprobs`)."""
@@ -797,6 +793,7 @@ def batch_infer(ds: Any, export_dirs: Sequence[str], *, backend: str = "transfor
             "encoder_specs": [s.model_dump() for s in encoder_specs], "glue": glue, "temperature": temperature,
             "torch_threads": max(1, int(num_cpus)) if num_gpus == 0 else None,
             "answer_mode": answer_mode, "reply_prefix": reply_prefix, "storage_cfg": storage_cfg,
+            "backend_options": backend_options,
         },
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=concurrency),  # `concurrency=` is deprecated since Ray 2.51

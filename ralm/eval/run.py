@@ -104,7 +104,7 @@ def infer(cfg: RalmConfig, rows: list[dict[str, Any]], adapters: list[str], pred
           reply_prefix: str = "") -> None:
     """Ray Data job over the rows not yet committed under `pred_uri`; commits parts as batches finish."""
     from ralm.cluster import init_ray
-    from ralm.eval.inference import batch_infer
+    from ralm.eval.inference import backend_options, batch_infer
 
     done = records.done_ids(pred_uri)
     todo = [r for r in rows if r["id"] not in done]
@@ -118,7 +118,8 @@ def infer(cfg: RalmConfig, rows: list[dict[str, Any]], adapters: list[str], pred
     out = batch_infer(ds, adapters, backend=ec.backend, max_new_tokens=ec.max_new_tokens,
                       batch_size=ec.batch_size, concurrency=ec.concurrency, num_cpus=ec.num_cpus,
                       num_gpus=ec.num_gpus, encoder_specs=cfg.features.encoders, glue=ec.ensemble_glue,
-                      answer_mode=ec.answer_mode, reply_prefix=reply_prefix, storage_cfg=cfg.storage)
+                      answer_mode=ec.answer_mode, reply_prefix=reply_prefix, storage_cfg=cfg.storage,
+                      backend_options=backend_options(cfg))
     from tqdm import tqdm
 
     with records.PartWriter(records.data_uri(pred_uri), part_rows=max(ec.batch_size, 16)) as good, \

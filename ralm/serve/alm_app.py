@@ -45,7 +45,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from ralm.eval.inference import ClientGone
+from ralm.eval.inference import ClientGone, backend_options
 from ralm.model.chat import Dialogue, Question, check_turns
 from ralm.serve.batching import Entry, MicroBatcher
 from ralm.serve.openai_format import (
@@ -423,7 +423,7 @@ class ALMServer:
     """Encoders + adapter(s) + frozen LLM in each replica (see `ralm.eval.inference.ALMInference`)."""
 
     def __init__(self, export_dirs: list[str], serve_cfg: dict, encoder_specs: list[dict], glue: str,
-                 backend: str, model_name: str) -> None:
+                 backend: str, model_name: str, options: dict | None = None) -> None:
         from ralm.config import AlmServeConfig, EncoderSpec
         from ralm.eval.inference import ALMInference
 
@@ -431,7 +431,7 @@ class ALMServer:
         self.model_name = model_name
         self.engine = ALMInference(export_dirs, backend=backend, glue=glue,
                                    encoder_specs=[EncoderSpec.model_validate(s) for s in encoder_specs],
-                                   backend_options={"batch_size": self.cfg.max_batch_size},
+                                   backend_options={**(options or {}), "batch_size": self.cfg.max_batch_size},
                                    feature_cache_mb=self.cfg.feature_cache_mb)
         self.sample_rate = max(self.engine.sample_rates)
         self.max_audio_bytes = int(self.cfg.max_audio_mb * 2**20)
@@ -503,8 +503,10 @@ class ALMService:
 
 
 def build_app(export_dirs: list[str], serve_cfg: Any, encoder_specs: list[Any] = (), glue: str | None = None,
-              backend: str = "transformers", model_name: str = APP_NAME) -> Any:
-    """The Serve application (for `serve.run`, or a RayService's import path via a small builder)."""
+              backend: str = "transformers", model_name: str = APP_NAME,
+              options: dict[str, Any] | None = None) -> Any:
+    """The Serve application (for `serve.run`, or a RayService's import path via a small builder).
+    `options`: the back end's, `backend_options(cfg)` (how the vLLM back end starts)."""
     from ralm.cluster import runtime_env_vars
     from ralm.eval.inference import DEFAULT_GLUE
 
@@ -513,7 +515,7 @@ def build_app(export_dirs: list[str], serve_cfg: Any, encoder_specs: list[Any] =
                                   "runtime_env": {"env_vars": runtime_env_vars()}}}
     return ALMServer.options(**opts).bind(list(export_dirs), serve_cfg.model_dump(mode="json"),
                                           [s.model_dump(mode="json") for s in encoder_specs],
-                                          glue or DEFAULT_GLUE, backend, model_name)
+                                          glue or DEFAULT_GLUE, backend, model_name, options)
 
 
 def _exported_adapters(cfg: Any, run_dir: str | None, adapters: list[str] | None) -> list[str]:
@@ -542,7 +544,8 @@ def serve_alm(cfg: Any, run_dir: str | None = None, adapters: list[str] | None =
         init_ray(cfg.ray)
     s = cfg.eval.serve
     serve.start(http_options={"host": s.host, "port": s.port})
-    app = build_app(dirs, s, cfg.features.encoders, cfg.eval.ensemble_glue, cfg.eval.backend, app_name)
+    app = build_app(dirs, s, cfg.features.encoders, cfg.eval.ensemble_glue, cfg.eval.backend, app_name,
+                    backend_options(cfg))
     handle = serve.run(app, name=app_name, route_prefix=s.route_prefix, blocking=False)
     _wait_running(app_name, wait_s)
     host, port = _proxy_address(s.host, s.port)
@@ -560,7 +563,7 @@ def app_builder(args: dict[str, Any]) -> Any:
     cfg = load_config(args.get("config", "demo"), list(args.get("overrides") or []))
     dirs = _exported_adapters(cfg, args.get("run_dir"), args.get("adapters"))
     return build_app(dirs, cfg.eval.serve, cfg.features.encoders, cfg.eval.ensemble_glue, cfg.eval.backend,
-                     str(args.get("model_name") or APP_NAME))
+                     str(args.get("model_name") or APP_NAME), backend_options(cfg))
 
 
 def _proxy_address(host: str, port: int) -> tuple[str, int]:

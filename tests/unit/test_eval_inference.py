@@ -478,7 +478,7 @@ def test_vllm_backend_from_prompt_embeddings_matches_transformers(exports, write
     want = [g.text for g in hf.generate([(clip, "What do you hear?"), (None, "Hello")], 8)]
     hf.close()
     vl = ALMInference([exports[0]], backend="vllm",
-                      backend_options={"max_model_len": 512, "dtype": "float32", "gpu_memory_utilization": 0.3})
+                      backend_options={"llm": {"max_model_len": 512, "dtype": "float32", "gpu_memory_utilization": 0.3}})
     try:
         got = [g.text for g in vl.generate([(clip, "What do you hear?"), (None, "Hello")], 8)]
         assert got == want
@@ -504,10 +504,17 @@ def test_vllm_cpu_backend_samples_each_prompt_with_its_own_seed(exports):
     import numba
     import torchcrepe  # noqa: F401
 
+    from ralm.config import load_config
+    from ralm.eval.inference import backend_options
+
     assert numba.njit(lambda x: x + 1)(1) == 2  # llvmlite in use before vLLM starts
-    vl = ALMInference([exports[0]], backend="vllm", load_encoders=False,
-                      backend_options={"max_model_len": 512, "dtype": "float32"})
+    # The run's `llm` section decides how the back end's vLLM starts, as it does for the text stages.
+    cfg = load_config("demo", ["llm.max_model_len=384", "llm.dtype=float32", "llm.cpu_kvcache_gb=0.25"])
+    vl = ALMInference([exports[0]], backend="vllm", load_encoders=False, backend_options=backend_options(cfg))
     try:
+        engine_cfg = vl.backend.llm.llm_engine.vllm_config
+        assert engine_cfg.model_config.max_model_len == 384
+        assert engine_cfg.model_config.dtype == torch.float32
         _assert_seeds_are_per_prompt(vl, None)
         assert numba.njit(lambda x: x * 3)(2) == 6  # and after it
     finally:
@@ -519,10 +526,12 @@ def test_alm_app_builder_for_a_rayservice(exports, tmp_path):
 
     from ralm.serve.alm_app import app_builder
 
-    app = app_builder({"config": "demo", "adapters": [exports[0]], "overrides": ["eval.serve.num_replicas=3"]})
+    app = app_builder({"config": "demo", "adapters": [exports[0]],
+                       "overrides": ["eval.serve.num_replicas=3", "llm.max_model_len=1024"]})
     assert isinstance(app, Application)
     deployment = app._bound_deployment
     assert deployment.num_replicas == 3 and deployment.init_args[0] == [exports[0]]
+    assert deployment.init_args[-1]["llm"]["max_model_len"] == 1024  # how a vLLM back end starts
     # A run dir without an exported adapter fails here, with the reason, not later in a replica.
     with pytest.raises(FileNotFoundError, match="ralm train"):
         app_builder({"config": "demo", "run_dir": str(tmp_path / "untrained")})

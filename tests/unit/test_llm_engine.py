@@ -321,3 +321,15 @@ def test_vllm_runs_bf16_on_cpu_only_where_the_cpu_has_bf16_instructions():
     assert engine_dtype("auto", gpu=False) == ("bfloat16" if native else "float32")
     assert engine_dtype("auto", gpu=True) == "auto"  # the checkpoint's dtype on a GPU
     assert engine_dtype("bfloat16", gpu=False) == "bfloat16"  # an explicit choice is kept
+
+
+def test_vllm_takes_the_configured_gpu_share_or_what_is_left_of_it():
+    from ralm.llm.engines.vllm import gpu_share
+
+    gib = 1 << 30
+    assert gpu_share(0.9, free_bytes=79 * gib, total_bytes=80 * gib) == 0.9  # a GPU of its own
+    # An ALM replica's encoders and HF copy of the LLM hold 20 GiB already: vLLM would refuse 0.9 x 80 GiB.
+    share = gpu_share(0.9, free_bytes=60 * gib, total_bytes=80 * gib)
+    assert share < 0.9 and share * 80 * gib <= 60 * gib - gib
+    with pytest.raises(RuntimeError, match="GPU memory free"):
+        gpu_share(0.9, free_bytes=gib, total_bytes=80 * gib)

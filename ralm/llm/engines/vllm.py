@@ -84,6 +84,52 @@ def engine_dtype(dtype: str, gpu: bool) -> str:
     return "bfloat16" if cpu_has_native_bf16() else "float32"
 
 
+def gpu_share(requested: float, free_bytes: int, total_bytes: int, headroom_bytes: int = _GIB) -> float:
+    """The `gpu_memory_utilization` to start vLLM with: `requested`, or less where the GPU no longer has
+    that much free (vLLM refuses to start then). An ALM replica has loaded the encoders, the adapter and
+    the frozen LLM's HF copy (its embedding table feeds vLLM) before vLLM starts, and a fractional GPU
+    may hold another replica. `headroom_bytes` is left for the CUDA context of vLLM's engine-core process."""
+    fits = (free_bytes - headroom_bytes) / total_bytes
+    if fits <= 0.05:
+        raise RuntimeError(f"vLLM cannot start: {free_bytes / _GIB:.1f} of {total_bytes / _GIB:.1f} GiB of GPU "
+                           "memory free (lower the replicas per GPU, or give the replica a whole GPU)")
+    return round(min(requested, fits), 4)
+
+
+def start_vllm(model_path: str, llm_cfg: Any, **overrides: Any) -> Any:
+    """A `vllm.LLM` for the `llm` config section: the text stages' engine and the ALM's back end start
+    the same way. On a CPU: the engine core in-process (no extra process per replica; it works inside Ray
+    actors), eager, a KV cache of `cpu_kvcache_gb`, float32 where bf16 would be emulated. On a GPU: the
+    configured share of its memory, or what is free of it. `overrides`: further `LLM` arguments."""
+    gpu = _on_gpu()
+    if not gpu:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM
+
+    kwargs: dict[str, Any] = dict(
+        model=model_path,
+        tokenizer=model_path,
+        dtype=engine_dtype(llm_cfg.dtype, gpu),
+        max_model_len=llm_cfg.max_model_len,
+        tensor_parallel_size=llm_cfg.tensor_parallel_size,
+        enable_prefix_caching=llm_cfg.enable_prefix_caching,
+        enforce_eager=llm_cfg.enforce_eager if llm_cfg.enforce_eager is not None else not gpu,
+        seed=0,
+        disable_log_stats=True,
+    )
+    if gpu:
+        import torch
+
+        kwargs["gpu_memory_utilization"] = llm_cfg.gpu_memory_utilization
+        if torch.cuda.is_initialized():  # this process holds GPU memory already (an ALM replica's models)
+            kwargs["gpu_memory_utilization"] = gpu_share(llm_cfg.gpu_memory_utilization, *torch.cuda.mem_get_info())
+    else:
+        kwargs["kv_cache_memory_bytes"] = int(llm_cfg.cpu_kvcache_gb * _GIB)
+    kwargs.update(overrides)
+    llvmlite_vars_shim()
+    return LLM(**kwargs)
+
+
 class EngineDied(RuntimeError):
     """The engine's step loop has stopped (a crash, or `close()`): it serves nothing any more."""
 
@@ -240,29 +286,7 @@ def _reporter(report: SampleProgress, n: int, copies: int) -> Callable[[list[Any
 class VLLMEngine(Engine):
     def __init__(self, llm_cfg: Any, model_path: str) -> None:
         super().__init__(llm_cfg, model_path)
-        gpu = _on_gpu()
-        if not gpu:
-            # In-process engine core: no extra process per replica, and it works inside Ray actors.
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        from vllm import LLM
-
-        kwargs: dict[str, Any] = dict(
-            model=model_path,
-            tokenizer=model_path,
-            dtype=engine_dtype(llm_cfg.dtype, gpu),
-            max_model_len=llm_cfg.max_model_len,
-            tensor_parallel_size=llm_cfg.tensor_parallel_size,
-            enable_prefix_caching=llm_cfg.enable_prefix_caching,
-            enforce_eager=llm_cfg.enforce_eager if llm_cfg.enforce_eager is not None else not gpu,
-            seed=0,
-            disable_log_stats=True,
-        )
-        if gpu:
-            kwargs["gpu_memory_utilization"] = llm_cfg.gpu_memory_utilization
-        else:
-            kwargs["kv_cache_memory_bytes"] = int(llm_cfg.cpu_kvcache_gb * _GIB)
-        llvmlite_vars_shim()
-        self.llm = LLM(**kwargs)
+        self.llm = start_vllm(model_path, llm_cfg)
         from transformers import AutoTokenizer
 
         # Our own HF tokenizer renders prompts (same code as the transformers engine); vLLM gets token ids.
