@@ -4,13 +4,13 @@
 (`eval.serve.max_batch_size`). This bench starts the ALM Serve app twice on a local Ray, first with
 `max_batch_size: 1` (each request alone, the baseline) then batched, and sends the same requests from
 `--clients` concurrent OpenAI clients over HTTP each time (different clips, greedy; `--stream`: the clients
-stream the answers). Prints one JSON line:
+stream the answers; `--temperature T`: sampled answers, request i with seed i, so both runs draw the same). Prints one JSON line:
 completion tokens per second and requests per second for both, `ratio` (= batched / one-at-a-time tokens/s),
 the batch sizes the replica ran (its `GET /stats`) and `same_answers` (share of answers equal in both runs:
 batched greedy decoding may differ in the last bits of padded positions).
 
   python bench/serve.py [--export runs/demo/train/export] [--clients 8] [--requests 48] [--max-tokens 32]
-                        [--max-batch 8] [--stream]
+                        [--max-batch 8] [--stream] [--temperature 0.8]
 Without `--export` (or when the demo has not been trained) it serves the demo's frozen LLM (SmolLM2-135M)
 with an untrained adapter on Whisper tiny.en: an adapter's weights do not change the serving cost.
 The JSON line is the last line of stdout.
@@ -61,27 +61,28 @@ def messages(i: int) -> list[dict]:
                                          {"type": "input_audio", "input_audio": {"data": clip_b64(i), "format": "wav"}}]}]
 
 
-def run_clients(svc, n_requests: int, clients: int, max_tokens: int, stream: bool = False) -> dict:
+def run_clients(svc, n_requests: int, clients: int, max_tokens: int, stream: bool = False,
+                temperature: float = 0.0) -> dict:
     import openai
 
     client = openai.OpenAI(base_url=svc.url, api_key="unused", max_retries=0, timeout=600)
-    reqs = [messages(i) for i in range(n_requests)]
 
-    def ask(m: list[dict]) -> tuple[str, int]:
+    def ask(i: int) -> tuple[str, int]:
+        kw = {"model": svc.model, "messages": messages(i), "max_tokens": max_tokens, "temperature": temperature,
+              "seed": i}
         if stream:
-            chunks = list(client.chat.completions.create(model=svc.model, messages=m, max_tokens=max_tokens,
-                                                         stream=True, stream_options={"include_usage": True}))
+            chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
             text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
             return text, chunks[-1].usage.completion_tokens
-        r = client.chat.completions.create(model=svc.model, messages=m, max_tokens=max_tokens)
+        r = client.chat.completions.create(**kw)
         return r.choices[0].message.content or "", r.usage.completion_tokens
 
-    ask(messages(10_000))  # the replica's first request (lazy initialisation) is not timed
+    ask(10_000)  # the replica's first request (lazy initialisation) is not timed
     stats_url = svc.url[: -len("/v1")] + "/stats"
     before = json.loads(urllib.request.urlopen(stats_url, timeout=60).read())
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        out = list(pool.map(ask, reqs))
+        out = list(pool.map(ask, range(n_requests)))
     wall = time.perf_counter() - t0
     after = json.loads(urllib.request.urlopen(stats_url, timeout=60).read())
     tokens = sum(n for _, n in out)
@@ -101,6 +102,7 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--port", type=int, default=18791)
     ap.add_argument("--stream", action="store_true", help="the clients stream (stream: true)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="sampled answers (request i: seed i)")
     args = ap.parse_args()
 
     from ralm.cluster import init_ray
@@ -118,14 +120,16 @@ def main() -> None:
         cfg.eval.serve.max_batch_size = max_batch
         svc = serve_alm(cfg, tmp, adapters=[export])
         try:
-            runs[name] = run_clients(svc, args.requests, args.clients, args.max_tokens, args.stream)
+            runs[name] = run_clients(svc, args.requests, args.clients, args.max_tokens, args.stream,
+                                     args.temperature)
         finally:
             stop_alm(svc)
     base, batched = runs["one_at_a_time"], runs["batched"]
     same = sum(a == b for a, b in zip(base.pop("answers"), batched.pop("answers"), strict=True)) / args.requests
     print(json.dumps({"bench": "serve", "export": export if export == args.export else "untrained (built)",
                       "clients": args.clients, "requests": args.requests, "max_tokens": args.max_tokens,
-                      "max_batch_size": args.max_batch, "stream": args.stream, "cpus": os.cpu_count(), "one_at_a_time": base,
+                      "max_batch_size": args.max_batch, "stream": args.stream,
+                      "temperature": args.temperature, "cpus": os.cpu_count(), "one_at_a_time": base,
                       "batched": batched, "ratio": round(batched["tokens_per_s"] / base["tokens_per_s"], 3),
                       "same_answers": round(same, 3)}))
 

@@ -220,6 +220,44 @@ class RowStreamer:
         pass
 
 
+class SeededSampling:
+    """Temperature / top-p sampling as greedy decoding over noisy log-probabilities, one generator per row
+    (a `generate(logits_processor=...)` with `do_sample=False`): the argmax of log p plus Gumbel noise is a
+    draw from p, and a row's noise comes from its own seed and step alone. Prompts with different seeds
+    share one batched `generate` (HF's sampler draws from one generator for the whole batch, so a row's
+    draw would depend on the rows beside it), each drawing what it draws alone, and the process-wide torch
+    seed is left alone (a server samples for many clients at once)."""
+
+    def __init__(self, seeds: Sequence[int | None], temperature: float, top_p: float = 1.0):
+        self.generators = []
+        for s in seeds:
+            g = torch.Generator()
+            if s is None:
+                g.seed()  # no seed asked for: a fresh one
+            else:
+                g.manual_seed(int(s))
+            self.generators.append(g)
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        if self.top_p < 1.0:  # keep the most likely tokens until their mass reaches top_p (at least one)
+            sorted_lp, order = logp.sort(dim=-1, descending=True)
+            p = sorted_lp.exp()
+            drop = (p.cumsum(-1) - p) >= self.top_p
+            logp = logp.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        u = torch.stack([torch.rand(logp.shape[-1], generator=g) for g in self.generators]).to(logp.device)
+        return logp - torch.log(-torch.log(u.clamp_min(torch.finfo(u.dtype).tiny)))
+
+    def kwargs(self) -> dict[str, Any]:
+        from transformers import LogitsProcessorList
+
+        return {"logits_processor": LogitsProcessorList([self])}
+
+
+GREEDY = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+
+
 @register_backend("transformers")
 class TransformersBackend(Backend):
     """The ALM's frozen HF model, one prompt at a time (exact; fine for CPU and small models)."""
@@ -248,14 +286,10 @@ class TransformersBackend(Backend):
             inputs = {"input_ids": ids}
             n_prompt = ids.shape[1]
         inputs["attention_mask"] = torch.ones((1, n_prompt), dtype=torch.long, device=llm.device)
-        sample = temperature > 0
-        if sample and seed is not None:
-            torch.manual_seed(seed)
-        kw: dict[str, Any] = ({"do_sample": True, "temperature": temperature, "top_p": top_p} if sample
-                              else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None})
+        kw = SeededSampling([seed], temperature, top_p).kwargs() if temperature > 0 else {}
         streamer = TextStreamer(self.alm.tokenizer, self.eos_ids, on_text, stop) if on_text else None
         out = llm.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=self.eos_ids,
-                           pad_token_id=self.pad_id, streamer=streamer, **kw, **self._stop_kwargs(stop))
+                           pad_token_id=self.pad_id, streamer=streamer, **GREEDY, **kw, **self._stop_kwargs(stop))
         new = out[0, n_prompt:] if "input_ids" in inputs else out[0]
         gen = self._generation(new.tolist(), n_prompt, max_new_tokens, stop)
         if streamer is not None:
@@ -275,9 +309,9 @@ class TransformersBackend(Backend):
 
     @torch.no_grad()
     def _batch(self, prompts: Sequence[dict[str, Any]], max_new_tokens: int, stop: Sequence[str] = (),
-               on_texts: Sequence[OnText | None] = ()) -> list[Generation]:
-        """Greedy, several prompts at once: left-padded embeddings (token-id prompts are embedded); rows with
-        an on_text callback are streamed."""
+               on_texts: Sequence[OnText | None] = (), sampling: SeededSampling | None = None) -> list[Generation]:
+        """Several prompts at once, greedy or `sampling`: left-padded embeddings (token-id prompts are
+        embedded); rows with an on_text callback are streamed."""
         llm = self.alm.llm
         embs = [p["prompt_embeds"].to(llm.device) if "prompt_embeds" in p else self.alm.embed_ids(p["prompt_token_ids"])
                 for p in prompts]
@@ -291,9 +325,9 @@ class TransformersBackend(Backend):
         if any(on_texts):
             streamer = RowStreamer([TextStreamer(self.alm.tokenizer, self.eos_ids, f, stop) if f else None
                                     for f in on_texts])
-        out = llm.generate(inputs_embeds=x, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                           temperature=None, top_p=None, top_k=None, eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
-                           streamer=streamer, **self._stop_kwargs(stop))
+        out = llm.generate(inputs_embeds=x, attention_mask=mask, max_new_tokens=max_new_tokens, **GREEDY,
+                           **(sampling.kwargs() if sampling else {}), eos_token_id=self.eos_ids,
+                           pad_token_id=self.pad_id, streamer=streamer, **self._stop_kwargs(stop))
         gens = [self._generation(row, e.shape[0], max_new_tokens, stop) for e, row in zip(embs, out.tolist(), strict=True)]
         if streamer is not None:
             streamer.finish(gens)
@@ -302,19 +336,21 @@ class TransformersBackend(Backend):
     def generate(self, prompts: Sequence[dict[str, Any]], max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, seed: Seeds = 0, on_text: OnTexts = None,
                  stop: Sequence[str] = ()) -> list[Generation]:
-        # One prompt (chat, serving, the text check) takes the exact single-sequence path; greedy batches
-        # are padded together (several times faster on CPU; numerics may differ in the last bits).
-        # Sampled prompts run one by one: HF's sampler draws from one generator for a whole batch.
+        # One prompt (chat, serving, the text check) takes the exact single-sequence path; batches are
+        # padded together (several times faster on CPU; numerics may differ in the last bits), sampled ones
+        # too: each row draws from its own seed's generator (SeededSampling).
         on_texts = per_prompt(on_text, len(prompts))
         seeds = per_prompt_seeds(seed, len(prompts))
         if len(prompts) == 1:
             return [self._one(prompts[0], max_new_tokens, temperature, top_p, seeds[0], on_texts[0], stop)]
-        if temperature > 0 or self.batch_size <= 1:
+        if self.batch_size <= 1:
             return [self._one_of_many(p, max_new_tokens, temperature, top_p, s, f, stop)
                     for p, s, f in zip(prompts, seeds, on_texts, strict=True)]
         out: list[Generation] = []
         for s in range(0, len(prompts), self.batch_size):
-            out.extend(self._batch(prompts[s : s + self.batch_size], max_new_tokens, stop, on_texts[s : s + self.batch_size]))
+            rows = slice(s, s + self.batch_size)
+            sampling = SeededSampling(seeds[rows], temperature, top_p) if temperature > 0 else None
+            out.extend(self._batch(prompts[rows], max_new_tokens, stop, on_texts[rows], sampling))
         return out
 
     def _one_of_many(self, prompt: dict[str, Any], max_new_tokens: int, temperature: float, top_p: float,

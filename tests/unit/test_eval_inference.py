@@ -255,8 +255,40 @@ def test_one_seed_or_one_per_prompt():
         per_prompt_seeds([1], 2)
 
 
-def test_transformers_backend_samples_each_prompt_with_its_own_seed(engine, write_wav):
+def test_seeded_sampling_draws_from_the_tempered_top_p_distribution():
+    from ralm.eval.inference import SeededSampling
+
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    rows = 6000
+    scores = p.log().expand(rows, 4)
+
+    def freqs(temperature: float, top_p: float = 1.0) -> torch.Tensor:
+        picks = SeededSampling(range(rows), temperature, top_p)(None, scores).argmax(-1)
+        return torch.bincount(picks, minlength=4) / rows
+
+    assert torch.allclose(freqs(1.0), p, atol=0.025)
+    assert torch.allclose(freqs(2.0), torch.softmax(p.log() / 2, -1), atol=0.025)  # flatter
+    nucleus = freqs(1.0, top_p=0.7)  # 0.5 + 0.3 reach 0.7: the other two are never drawn
+    assert nucleus[2:].sum() == 0 and torch.allclose(nucleus[:2], p[:2] / 0.8, atol=0.025)
+
+
+def test_seeded_sampling_rows_draw_the_same_beside_any_other_rows():
+    from ralm.eval.inference import SeededSampling
+
+    scores = torch.randn(3, 50)
+    scores[2] = scores[0]  # rows 0 and 2: the same prompt and seed
+    together, alone = SeededSampling([7, 8, 7], 1.0), SeededSampling([7], 1.0)
+    for _ in range(4):  # step after step, each row's own generator
+        picks = together(None, scores).argmax(-1)
+        assert picks[0] == picks[2] == alone(None, scores[:1]).argmax(-1)[0]
+
+
+def test_transformers_backend_samples_each_prompt_with_its_own_seed(engine, write_wav, monkeypatch):
+    calls = []
+    generate = engine.alm.llm.generate
+    monkeypatch.setattr(engine.alm.llm, "generate", lambda *a, **kw: calls.append(1) or generate(*a, **kw))
     _assert_seeds_are_per_prompt(engine, str(write_wav("tone.wav", seconds=1.0, freq=440)))
+    assert len(calls) == 3  # the three seeds in one batched call, then two alone
 
 
 def test_a_cancelled_request_stops_its_generation(engine):
