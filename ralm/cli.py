@@ -47,8 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
             _redo_flag(sub.add_parser(name, help=stage.help))
 
     ev = sub.add_parser("eval", help=STAGES["eval"].help)
-    ev.add_argument("--benchmark", default=None, help="demo | mmau | mmsu | mmar (default: eval.benchmark)")
-    ev.add_argument("--data", default=None, help="benchmark file (MMAU json, MMSU/MMAR jsonl)")
+    ev.add_argument("--benchmark", default=None, help="demo | mmau | mmsu | mmar | mcq (any file, its "
+                    "columns mapped by eval.fields.*; default: eval.benchmark)")
+    ev.add_argument("--data", default=None, help="benchmark file (MMAU json, MMSU/MMAR jsonl; mcq: json, "
+                    "jsonl, csv, tsv, parquet)")
     ev.add_argument("--audio-root", default=None, help="folder the benchmark's audio paths are relative to")
     _common(ev)
 

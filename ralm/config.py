@@ -325,8 +325,32 @@ class AlmServeConfig(Section):
         return self
 
 
+class McqFields(Section):
+    """`eval.benchmark: mcq`: any multiple-choice file (JSON list, JSON lines, CSV, TSV or Parquet), mapped
+    without code: which column holds what."""
+
+    id: str | None = Field("id", description="Item id column (None, or a missing value: the row number)")
+    audio: str = Field("audio", description="Audio path column: relative to eval.audio_root (default: the "
+                       "file's folder), absolute, or a URI")
+    question: str = "question"
+    choices: str | list[str] = Field("choices", description="A column holding the list of choices (a list, or "
+                                     "text such as '[\"a\", \"b\"]'), or the columns holding one choice each "
+                                     "(empty ones are skipped)")
+    answer: str = Field("answer", description="The right choice's column")
+    answer_format: Literal["auto", "text", "letter", "index0", "index1"] = Field(
+        "auto", description="How the answer names the right choice: its text, its letter (A = the first), its "
+        "0- or 1-based index; auto: the text, else a letter")
+    domain: str | None = Field(None, description="Column with the item's domain (speech, sound, music...)")
+    group_by: list[str] = Field(default_factory=list, description="Columns the report breaks accuracy down by "
+                                "(with domain: by domain too)")
+    scorer: Literal["string_match", "letter"] = Field(
+        "string_match", description="How a reply is matched to a choice when answer_mode is generate")
+
+
 class EvalConfig(Section):
-    benchmark: str = Field("demo", description="Registered benchmark: demo, mmau, mmsu, mmar")
+    benchmark: str = Field("demo", description="Registered benchmark: demo, mmau, mmsu, mmar, or mcq (any "
+                           "multiple-choice file, mapped by eval.fields)")
+    fields: McqFields = Field(default_factory=McqFields, description="benchmark mcq: where each part of an item is")
     data: str | None = Field(None, description="Benchmark file (demo: default run_dir/eval/demo_mcq.json, built)")
     audio_root: str | None = Field(None, description="Audio paths in the file are relative to this")
     backend: Literal["transformers", "vllm"] = "transformers"

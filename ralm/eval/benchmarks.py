@@ -9,6 +9,9 @@ reason instead of stopping the run.
 
 from __future__ import annotations
 
+import ast
+import csv
+import io
 import json
 import os
 from collections.abc import Callable
@@ -64,11 +67,22 @@ class BadItem(ValueError):
 
 # ---------------------------------------------------------------------------------------------- file helpers
 def read_items(path: str) -> list[dict[str, Any]]:
-    """A JSON list (or {"data": [...]}) or JSON lines, local or s3://."""
+    """A JSON list (or {"data": [...]}), JSON lines, CSV, TSV or Parquet (by extension), local or s3://."""
     try:
-        text = storage.read_bytes(path).decode("utf-8")
+        raw = storage.read_bytes(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"benchmark file {path} does not exist") from None
+    ext = path.lower().rsplit(".", 1)[-1]
+    if ext == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(io.BytesIO(raw)).to_pylist()
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
+            raise ValueError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+    text = raw.decode("utf-8-sig")
+    if ext in ("csv", "tsv"):
+        return list(csv.DictReader(io.StringIO(text), delimiter="\t" if ext == "tsv" else ","))
     try:  # a JSON document: a list, or {"data": [...]}
         data = json.loads(text)
         if isinstance(data, dict):
@@ -131,8 +145,15 @@ class Benchmark:
     scorer: str = "string_match"
     group_keys: tuple[str, ...] = ("domain", "category", "difficulty")
 
+    def __init__(self, fields: Any = None) -> None:
+        self.fields = fields  # `eval.fields`: only the mapped benchmark (mcq) reads it
+
     def parse(self, item: dict[str, Any], n: int, audio_root: str | None, data_path: str) -> MCQItem:
         raise NotImplementedError
+
+    def item_id(self, item: dict[str, Any], n: int) -> str:
+        """The item's id (its row number `n` when it has none), for its reject too."""
+        return str(item.get("id", n))
 
     def load(self, path: str, audio_root: str | None = None, limit: int | None = None) -> Loaded:
         items, rejects = [], []
@@ -140,7 +161,7 @@ class Benchmark:
             try:
                 items.append(self.parse(raw, n, audio_root, path))
             except BadItem as e:
-                rejects.append({"id": str(raw.get("id", n)), "reason": e.reason, "detail": e.detail})
+                rejects.append({"id": self.item_id(raw, n), "reason": e.reason, "detail": e.detail})
             if limit and len(items) >= limit:
                 break
         return Loaded(items, rejects)
@@ -171,14 +192,16 @@ def register(name: str) -> Callable[[type[Benchmark]], type[Benchmark]]:
     return deco
 
 
-def get_benchmark(name: str) -> Benchmark:
+def get_benchmark(name: str, fields: Any = None) -> Benchmark:
+    """The benchmark `name`; `fields` (`eval.fields`) maps a file's columns for the `mcq` one."""
     if name not in BENCHMARKS:
         raise KeyError(f"unknown benchmark {name!r}; registered: {', '.join(sorted(BENCHMARKS))}")
-    return BENCHMARKS[name]()
+    return BENCHMARKS[name](fields)
 
 
-def load_benchmark(name: str, path: str, audio_root: str | None = None, limit: int | None = None) -> Loaded:
-    return get_benchmark(name).load(path, audio_root, limit)
+def load_benchmark(name: str, path: str, audio_root: str | None = None, limit: int | None = None,
+                   fields: Any = None) -> Loaded:
+    return get_benchmark(name, fields).load(path, audio_root, limit)
 
 
 # ---------------------------------------------------------------------------------------------- benchmarks
@@ -258,3 +281,76 @@ class MMSU(Benchmark):
         row = super().submission_row(item, pred_index, raw_output)
         row["predicted_answer"] = "" if pred_index is None else LETTERS[pred_index]
         return row
+
+
+@register("mcq")
+class MappedMCQ(Benchmark):
+    """Any multiple-choice file, its columns named in `eval.fields` (`ralm.config.McqFields`): a benchmark
+    without code, as a table recipe is a corpus without code."""
+
+    def __init__(self, fields: Any = None) -> None:
+        from ralm.config import McqFields
+
+        super().__init__(fields if fields is not None else McqFields())
+        f = self.fields
+        self.scorer = f.scorer
+        self.group_keys = tuple(dict.fromkeys((["domain"] if f.domain else []) + list(f.group_by)))
+
+    def item_id(self, item: dict[str, Any], n: int) -> str:
+        f = self.fields
+        return str(item[f.id]) if f.id and item.get(f.id) not in (None, "") else str(n)
+
+    def parse(self, item: dict[str, Any], n: int, audio_root: str | None, data_path: str) -> MCQItem:
+        f = self.fields
+        audio = _need(item, f.audio)
+        if isinstance(audio, dict):  # a Hugging Face Audio column: {"bytes": ..., "path": ...}
+            raise BadItem("embedded_audio", f"column {f.audio!r} holds the audio itself, not a path: write the "
+                          "clips to files and give their paths")
+        if isinstance(f.choices, str):
+            choices = _choices(_as_list(item.get(f.choices), f.choices))
+        else:
+            choices = _choices([item[c] for c in f.choices if item.get(c) not in (None, "")])
+        return MCQItem(
+            id=self.item_id(item, n),
+            audio=resolve_audio(str(audio), audio_root, data_path),
+            question=str(_need(item, f.question)),
+            choices=choices,
+            answer_index=_mapped_answer(_need(item, f.answer), choices, f.answer_format),
+            domain=_str(item.get(f.domain)) if f.domain else None,
+            raw={k: v for k, v in item.items() if not isinstance(v, bytes | bytearray)},
+        )
+
+
+def _as_list(value: Any, column: str) -> Any:
+    """A choices cell: a list, or its text from a CSV (`["a", "b"]` as JSON, `['a', 'b']` as Python writes it)."""
+    if isinstance(value, str):
+        try:
+            value = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            raise BadItem("bad_choices", f"column {column!r} is not a list: {value[:80]!r}") from None
+    return value
+
+
+def _mapped_answer(value: Any, choices: list[str], answer_format: str) -> int:
+    text = str(value).strip()
+    if answer_format in ("index0", "index1"):
+        try:
+            idx = int(text) - (answer_format == "index1")
+        except ValueError:
+            raise BadItem("bad_answer", f"answer {value!r} is not an index") from None
+        if not 0 <= idx < len(choices):
+            raise BadItem("answer_not_in_choices", f"answer index {value!r} ({answer_format}) for "
+                          f"{len(choices)} choices")
+        return idx
+    letter = len(text) == 1 and text.upper() in LETTERS[: len(choices)]
+    if answer_format == "letter" or (answer_format == "auto" and letter and text not in choices):
+        if not letter:
+            raise BadItem("answer_not_in_choices", f"answer {value!r} is not a letter of {len(choices)} choices")
+        return LETTERS.index(text.upper())
+    try:
+        return answer_index(text, choices)
+    except BadItem as e:
+        if answer_format == "auto" and text.isdigit():  # an index, most likely
+            raise BadItem(e.reason, f"{e.detail} (an index? set eval.fields.answer_format to index0 or "
+                          "index1)") from None
+        raise

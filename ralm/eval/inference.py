@@ -260,7 +260,7 @@ GREEDY = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
 
 @register_backend("transformers")
 class TransformersBackend(Backend):
-    """The ALM's frozen HF model, one prompt at a time (exact; fine for CPU and small models)."""
+    """The ALM's frozen HF model (transformers): one prompt alone, several left-padded in one batch."""
 
     def __init__(self, alm: Any, batch_size: int = 8, **_: Any):
         self.alm = alm

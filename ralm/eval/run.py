@@ -77,6 +77,8 @@ def fingerprint(cfg: RalmConfig, data: str, adapters: list[str]) -> str:
            "max_new_tokens": ec.max_new_tokens, "limit": ec.limit, "seed": ec.seed}
     if ec.answer_mode != "generate":  # keeps the fingerprint (and committed predictions) of older runs
         key["answer_mode"] = ec.answer_mode
+    if ec.benchmark == "mcq":  # another mapping of the file's columns: other items
+        key["fields"] = ec.fields.model_dump(mode="json")
     return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -321,12 +323,14 @@ def run(cfg: RalmConfig, run_dir: str | None = None) -> str:
     storage.configure(cfg.storage)
     ec = cfg.eval
     stage = cfg.stage_uri(STAGE, run_dir)
-    bench = get_benchmark(ec.benchmark)
+    bench = get_benchmark(ec.benchmark, ec.fields)
     data = resolve_data(cfg, run_dir)
     loaded = bench.load(data, ec.audio_root, ec.limit)
     if not loaded.items:
+        first = loaded.rejects[0] if loaded.rejects else None
         raise ValueError(f"{data}: no usable {bench.name} items ({len(loaded.rejects)} rejected: "
-                         f"{Counter(r['reason'] for r in loaded.rejects).most_common(3)})")
+                         f"{Counter(r['reason'] for r in loaded.rejects).most_common(3)}"
+                         + (f"; item {first['id']}: {first['detail']}" if first else "") + ")")
     adapters = default_adapters(cfg, run_dir)
     _check_adapters(adapters)
     pred_uri = storage.join(stage, "runs", f"{bench.name}-{fingerprint(cfg, data, adapters)}")

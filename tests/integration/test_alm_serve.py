@@ -327,6 +327,35 @@ def test_eval_stage_mmau_rejects_bad_items_and_audio(ray_local, tiny_export, tmp
     assert (tmp_path / "run/eval/mmau_predictions.shuffled.json").exists()
 
 
+def test_eval_stage_on_any_multiple_choice_file_mapped_in_the_config(ray_local, tiny_export, tmp_path, write_wav):
+    """`eval.benchmark: mcq`: a CSV laid out as no registered benchmark is, its columns named in eval.fields."""
+    from ralm.config import McqFields
+    from ralm.eval.run import run
+
+    for name, freq in (("a", 300), ("b", 900)):
+        write_wav(f"clips/{name}.wav", seconds=0.6, freq=freq)
+    data = tmp_path / "mine.csv"
+    data.write_text("key,file,ask,c1,c2,c3,right,kind\n"
+                    "k1,clips/a.wav,Low or high?,low,high,,1,pitch\n"
+                    "k2,clips/b.wav,Low or high?,low,high,,2,pitch\n"
+                    "k3,clips/b.wav,How many?,one,two,three,7,count\n")
+    cfg = RalmConfig()
+    cfg.eval.benchmark, cfg.eval.data = "mcq", str(data)
+    cfg.eval.fields = McqFields(id="key", audio="file", question="ask", choices=["c1", "c2", "c3"], answer="right",
+                                answer_format="index1", group_by=["kind"])
+    cfg.eval.adapters = [tiny_export]
+    cfg.eval.max_new_tokens, cfg.eval.controls, cfg.eval.text_check, cfg.eval.num_cpus = 2, [], False, 0.5
+    run(cfg, str(tmp_path / "run"))
+    report = json.loads((tmp_path / "run/eval/mcq.report.json").read_text())
+    assert report["benchmark"] == "mcq" and report["items"] == 2 and report["rejected_items"] == 1
+    assert report["rejects_by_reason"] == {"answer_not_in_choices": 1}
+    assert set(report["conditions"]["audio"]["by_kind"]) == {"pitch"}
+    preds = json.loads((tmp_path / "run/eval/mcq_predictions.json").read_text())
+    assert sorted(p["key"] for p in preds) == ["k1", "k2"]  # the file's own rows, with the predictions
+    assert all(p["model_prediction"] in ("", "low", "high") for p in preds)
+    assert "## By kind" in (tmp_path / "run/eval/report.md").read_text()
+
+
 def test_eval_stage_stops_on_a_store_that_is_down_and_rejects_nothing(ray_local, tiny_export, tmp_path, write_wav,
                                                                      monkeypatch):
     """A benchmark clip whose store does not answer is not a bad item: the stage stops with the store's error

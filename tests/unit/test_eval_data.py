@@ -158,3 +158,83 @@ def test_controls(tmp_path):
     assert chance(items) == pytest.approx((0.25 + 0.25 + 1 / 3 + 0.25) / 4)
     with pytest.raises(ValueError, match="at least 2 different clips"):
         apply_control("shuffled", items[:1])
+
+
+def _mcq(path, fields: dict | None = None, audio_root=None):
+    from ralm.config import McqFields
+
+    return load_benchmark("mcq", str(path), audio_root=audio_root, fields=McqFields(**(fields or {})))
+
+
+def test_mcq_benchmark_maps_a_csv_with_a_column_per_choice_and_letter_answers(tmp_path):
+    (tmp_path / "bench.csv").write_text(
+        "qid,wav,prompt,opt1,opt2,opt3,gold,area,level\n"
+        "q1,clips/a.wav,What plays?,Violin,Piano,,B,music,easy\n"      # two choices (empty third skipped)
+        "q2,/abs/b.wav,Who speaks?,a man,a woman,a child,a woman,speech,hard\n"  # the text itself
+        "q3,clips/c.wav,Loud?,yes,no,,D,sound,easy\n"                   # D: no fourth choice
+        "q4,,Empty audio?,yes,no,,A,sound,easy\n")
+    got = _mcq(tmp_path / "bench.csv", {"id": "qid", "audio": "wav", "question": "prompt",
+                                        "choices": ["opt1", "opt2", "opt3"], "answer": "gold", "domain": "area",
+                                        "group_by": ["level"]})
+    a, b = got.items
+    assert (a.id, a.choices, a.answer, a.domain) == ("q1", ["Violin", "Piano"], "Piano", "music")
+    assert a.audio == str(tmp_path / "clips" / "a.wav") and b.audio == "/abs/b.wav"
+    assert b.answer_index == 1 and a.group_value("level") == "easy"
+    assert {r["id"]: r["reason"] for r in got.rejects} == {"q3": "answer_not_in_choices", "q4": "missing_field"}
+    assert BENCHMARKS["mcq"]().group_keys == ()  # nothing to group by unless mapped
+    from ralm.config import McqFields
+
+    assert get_mcq_groups(McqFields(domain="area", group_by=["level", "area"])) == ("domain", "level", "area")
+
+
+def get_mcq_groups(fields) -> tuple:
+    from ralm.eval.benchmarks import get_benchmark
+
+    return get_benchmark("mcq", fields).group_keys
+
+
+def test_mcq_benchmark_reads_list_columns_and_indices_from_jsonl_and_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"id": 7, "audio": "x.wav", "question": "Which?", "choices": ["cat", "dog", "bird"], "answer": 3},
+            {"id": 8, "audio": "y.wav", "question": "Which?", "choices": ["cat", "dog"], "answer": 5}]
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "b.parquet")
+    for name in ("b.jsonl", "b.parquet"):
+        got = _mcq(tmp_path / name, {"answer_format": "index1"}, audio_root="s3://bucket/clips")
+        assert [(it.id, it.answer) for it in got.items] == [("7", "bird")]
+        assert got.items[0].audio == "s3://bucket/clips/x.wav"
+        assert got.rejects[0]["reason"] == "answer_not_in_choices" and "index1" in got.rejects[0]["detail"]
+        # Without saying the answers are indices, a number is not guessed at: the reject says what to set.
+        auto = _mcq(tmp_path / name)
+        assert not auto.items and "answer_format" in auto.rejects[0]["detail"]
+    # A CSV's list cell, written as JSON or as Python writes a list.
+    (tmp_path / "c.csv").write_text('audio,question,choices,answer\n'
+                                    'x.wav,Which?,"[""cat"", ""dog""]",dog\n'
+                                    "y.wav,Which?,\"['up', 'down']\",A\n"
+                                    "z.wav,Which?,cat or dog,cat\n")
+    got = _mcq(tmp_path / "c.csv")
+    assert [(it.id, it.answer) for it in got.items] == [("0", "dog"), ("1", "up")]
+    assert got.rejects == [{"id": "2", "reason": "bad_choices", "detail": "column 'choices' is not a list: 'cat or dog'"}]
+
+
+def test_mcq_benchmark_refuses_audio_embedded_in_the_file(tmp_path):
+    rows = [{"audio": {"bytes": b"RIFF", "path": "a.wav"}, "question": "Q?", "choices": ["a", "b"], "answer": "a"}]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "hf.parquet")
+    got = _mcq(tmp_path / "hf.parquet")
+    assert not got.items and got.rejects[0]["reason"] == "embedded_audio"
+
+
+def test_eval_stage_on_a_file_it_cannot_use_says_why_before_any_work(tmp_path):
+    from ralm.config import RalmConfig
+    from ralm.eval.run import run
+
+    (tmp_path / "b.csv").write_text("wav,question,choices,answer\nx.wav,Q?,\"['a', 'b']\",a\n")
+    cfg = RalmConfig()
+    cfg.eval.benchmark, cfg.eval.data = "mcq", str(tmp_path / "b.csv")  # eval.fields.audio is still "audio"
+    with pytest.raises(ValueError, match=r"no usable mcq items \(1 rejected: .*missing_field.*item 0: no audio"):
+        run(cfg, str(tmp_path / "run"))
