@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import hashlib
 import io
 import json
 import os
@@ -100,6 +101,21 @@ def read_items(path: str) -> list[dict[str, Any]]:
     return data
 
 
+def write_embedded_audio(item: dict[str, Any], audio_dir: str) -> dict[str, Any]:
+    """`item` with each embedded clip (`{"bytes": ..., "path": ...}`) replaced by the URI of a file under
+    `audio_dir` named by its content (a rerun, or the same clip in two items, writes nothing again)."""
+    out = dict(item)
+    for key, value in item.items():
+        if isinstance(value, dict) and isinstance(value.get("bytes"), bytes | bytearray) and value["bytes"]:
+            ext = os.path.splitext(str(value.get("path") or ""))[1].lower() or ".wav"
+            uri = storage.join(audio_dir, hashlib.sha1(value["bytes"]).hexdigest()[:20] + ext)
+            uri = uri if "://" in uri else os.path.abspath(uri)  # not read as relative to the audio root
+            if not storage.exists(uri):
+                storage.write_bytes_atomic(uri, bytes(value["bytes"]))
+            out[key] = uri
+    return out
+
+
 def resolve_audio(path: str, audio_root: str | None, data_path: str) -> str:
     if "://" in path or os.path.isabs(path):
         return path
@@ -155,9 +171,14 @@ class Benchmark:
         """The item's id (its row number `n` when it has none), for its reject too."""
         return str(item.get("id", n))
 
-    def load(self, path: str, audio_root: str | None = None, limit: int | None = None) -> Loaded:
+    def load(self, path: str, audio_root: str | None = None, limit: int | None = None,
+             audio_dir: str | None = None) -> Loaded:
+        """`audio_dir`: where clips embedded in the file (a Hugging Face Audio column, as its Parquet exports
+        hold them) are written out, once, so the inference workers read them as any other clip."""
         items, rejects = [], []
         for n, raw in enumerate(read_items(path)):
+            if audio_dir:
+                raw = write_embedded_audio(raw, audio_dir)
             try:
                 items.append(self.parse(raw, n, audio_root, path))
             except BadItem as e:
@@ -200,8 +221,8 @@ def get_benchmark(name: str, fields: Any = None) -> Benchmark:
 
 
 def load_benchmark(name: str, path: str, audio_root: str | None = None, limit: int | None = None,
-                   fields: Any = None) -> Loaded:
-    return get_benchmark(name, fields).load(path, audio_root, limit)
+                   fields: Any = None, audio_dir: str | None = None) -> Loaded:
+    return get_benchmark(name, fields).load(path, audio_root, limit, audio_dir)
 
 
 # ---------------------------------------------------------------------------------------------- benchmarks
@@ -303,9 +324,9 @@ class MappedMCQ(Benchmark):
     def parse(self, item: dict[str, Any], n: int, audio_root: str | None, data_path: str) -> MCQItem:
         f = self.fields
         audio = _need(item, f.audio)
-        if isinstance(audio, dict):  # a Hugging Face Audio column: {"bytes": ..., "path": ...}
-            raise BadItem("embedded_audio", f"column {f.audio!r} holds the audio itself, not a path: write the "
-                          "clips to files and give their paths")
+        if isinstance(audio, dict):  # a Hugging Face Audio column: {"bytes": ..., "path": ...}, not written out
+            raise BadItem("embedded_audio", f"column {f.audio!r} holds the audio itself, not a path (the eval "
+                          "stage writes such clips out; a bare load() needs audio_dir)")
         if isinstance(f.choices, str):
             choices = _choices(_as_list(item.get(f.choices), f.choices))
         else:

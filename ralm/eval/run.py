@@ -325,7 +325,7 @@ def run(cfg: RalmConfig, run_dir: str | None = None) -> str:
     stage = cfg.stage_uri(STAGE, run_dir)
     bench = get_benchmark(ec.benchmark, ec.fields)
     data = resolve_data(cfg, run_dir)
-    loaded = bench.load(data, ec.audio_root, ec.limit)
+    loaded = bench.load(data, ec.audio_root, ec.limit, audio_dir=storage.join(stage, "audio"))
     if not loaded.items:
         first = loaded.rejects[0] if loaded.rejects else None
         raise ValueError(f"{data}: no usable {bench.name} items ({len(loaded.rejects)} rejected: "

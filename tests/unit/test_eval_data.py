@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -219,14 +220,38 @@ def test_mcq_benchmark_reads_list_columns_and_indices_from_jsonl_and_parquet(tmp
     assert got.rejects == [{"id": "2", "reason": "bad_choices", "detail": "column 'choices' is not a list: 'cat or dog'"}]
 
 
-def test_mcq_benchmark_refuses_audio_embedded_in_the_file(tmp_path):
-    rows = [{"audio": {"bytes": b"RIFF", "path": "a.wav"}, "question": "Q?", "choices": ["a", "b"], "answer": "a"}]
+def test_audio_embedded_in_a_parquet_file_is_written_out_once(tmp_path, monkeypatch):
+    """A Hugging Face Parquet export holds each clip in the row ({"bytes", "path"}): the eval stage writes
+    them to files named by content, which the workers then read like any clip."""
+    import io
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from ralm.audio import load_audio
+
+    def wav_bytes(freq: float) -> bytes:
+        buf = io.BytesIO()
+        sf.write(buf, 0.3 * np.sin(2 * np.pi * freq * np.arange(8000) / 16000).astype(np.float32), 16000,
+                 format="WAV")
+        return buf.getvalue()
+
+    clips = [wav_bytes(300), wav_bytes(900)]
+    rows = [{"id": f"i{k}", "audio_id": {"bytes": clips[k % 2], "path": f"orig/{k}.wav"}, "question": "Q?",
+             "choices": ["a", "b"], "answer": "a"} for k in range(3)]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "hf.parquet")
-    got = _mcq(tmp_path / "hf.parquet")
-    assert not got.items and got.rejects[0]["reason"] == "embedded_audio"
+    assert not _mcq(tmp_path / "hf.parquet", {"audio": "audio_id"}).items  # no place to write them: rejects
+    monkeypatch.chdir(tmp_path)
+    got = load_benchmark("mmau", str(tmp_path / "hf.parquet"), audio_dir="run/eval/audio")  # a relative run dir
+    paths = [it.audio for it in got.items]
+    assert len(paths) == 3 and paths[0] == paths[2] != paths[1] and all(p.startswith(str(tmp_path)) for p in paths)
+    assert len(list((tmp_path / "run/eval/audio").iterdir())) == 2  # one file per distinct clip
+    wav, _ = sf.read(io.BytesIO(clips[1]), dtype="float32")
+    assert np.array_equal(load_audio(paths[1], 16000), wav)
+    assert got.items[0].raw["audio_id"] == paths[0]  # the predictions file holds the path, not the bytes
+    mtime = os.path.getmtime(paths[0])
+    load_benchmark("mmau", str(tmp_path / "hf.parquet"), audio_dir="run/eval/audio")
+    assert os.path.getmtime(paths[0]) == mtime  # a rerun writes nothing again
 
 
 def test_eval_stage_on_a_file_it_cannot_use_says_why_before_any_work(tmp_path):
