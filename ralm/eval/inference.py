@@ -22,6 +22,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from typing import Any
 
@@ -366,52 +367,89 @@ class TransformersBackend(Backend):
 class VLLMBackend(Backend):
     """The frozen LLM in vLLM, fed the ALM's prompt embeddings (`enable_prompt_embeds`). `llm`: the run's
     `llm` config section (dtype, max_model_len, tensor_parallel_size, gpu_memory_utilization, KV cache on
-    CPU, ...; its `model` is not used: the adapter names its LLM), started as the text stages start it."""
+    CPU, ...; its `model` is not used: the adapter names its LLM), started as the text stages start it.
+    Requests go through the text engine's step loop: streamed answers come token by token, and one whose
+    reader left is aborted in vLLM at once."""
 
     def __init__(self, alm: Any, llm_path: str, llm: dict[str, Any] | None = None, **_: Any):
         from ralm.config import LLMConfig
-        from ralm.llm.engines.vllm import start_vllm
+        from ralm.llm.engines.vllm import _StepLoop, start_vllm
 
         self.llm = start_vllm(llm_path, LLMConfig.model_validate(llm or {}), enable_prompt_embeds=True)
-        self._lock = threading.Lock()
+        self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
+        self._loop = _StepLoop(self.llm, name="ralm-alm-vllm-steps")
 
     def generate(self, prompts: Sequence[dict[str, Any]], max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, seed: Seeds = 0, on_text: OnTexts = None,
                  stop: Sequence[str] = ()) -> list[Generation]:
-        # The offline LLM returns whole answers: a streamed request gets its answer as one piece.
         from vllm import SamplingParams
-        from vllm.inputs import EmbedsPrompt, TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
-        inputs = [EmbedsPrompt(prompt_embeds=p["prompt_embeds"].detach().to("cpu"))
-                  if "prompt_embeds" in p else TokensPrompt(prompt_token_ids=list(p["prompt_token_ids"]))
-                  for p in prompts]
-        seeds = per_prompt_seeds(seed, len(prompts))
-        # vLLM seeds each request's own generator: prompts sampled with different seeds share one call.
-        params = [SamplingParams(temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
-                                 max_tokens=max_new_tokens, seed=s, stop=[x for x in stop if x] or None)
-                  for s in seeds]
-        with self._lock:
-            outs = self.llm.generate(inputs, params, use_tqdm=False)
+        relays, futures = [], []
+        # vLLM seeds each request's own generator: prompts sampled with different seeds share one batch.
+        for p, s, f in zip(prompts, per_prompt_seeds(seed, len(prompts)), per_prompt(on_text, len(prompts)),
+                           strict=True):
+            params = SamplingParams(temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
+                                    max_tokens=max_new_tokens, seed=s, stop=[x for x in stop if x] or None,
+                                    output_kind=RequestOutputKind.CUMULATIVE if f else RequestOutputKind.FINAL_ONLY)
+            prompt = ({"prompt_embeds": p["prompt_embeds"].detach().to("cpu")} if "prompt_embeds" in p
+                      else list(p["prompt_token_ids"]))
+            relay = _TextRelay(f, stop, self._loop) if f else None
+            futures.append(self._loop.submit(prompt, params, relay))
+            if relay is not None:
+                relay.future = futures[-1]
+                if relay.gone:  # its reader left before the future was known to the relay
+                    self._loop.abort([relay.future])
+            relays.append(relay)
         result = []
-        for p, o in zip(prompts, outs, strict=True):
-            c = o.outputs[0]
+        for p, fut, relay in zip(prompts, futures, relays, strict=True):
+            try:
+                c = fut.result().outputs[0]
+            except CancelledError as e:  # aborted: its reader left
+                if len(prompts) == 1:
+                    raise ClientGone(str(e)) from None
+                result.append(Generation("", 0, 0, "error", f"client_gone: {e}", "client_gone"))
+                continue
             n_prompt = int(p["prompt_embeds"].shape[0]) if "prompt_embeds" in p else len(p["prompt_token_ids"])
-            result.append(Generation(c.text, n_prompt, len(c.token_ids),
-                                     "stop" if c.finish_reason == "stop" else "length"))
-        for f, gen in zip(per_prompt(on_text, len(prompts)), result, strict=True):
-            if f is not None and gen.text:
-                try:
-                    f(gen.text)
-                except ClientGone:
-                    if len(prompts) == 1:
-                        raise
+            gen = Generation(c.text, n_prompt, len(c.token_ids), "stop" if c.finish_reason == "stop" else "length")
+            if relay is not None:
+                relay.finish(gen.text)
+            result.append(gen)
         return result
 
     def close(self) -> None:
         import gc
 
+        self._loop.close()
         self.llm = None
         gc.collect()
+
+
+class _TextRelay:
+    """A streamed vLLM request's outputs (its text so far, on the step loop's thread) -> the new pieces for
+    `on_text`, nothing past a stop string; a reader that left (`ClientGone`) has its request aborted."""
+
+    def __init__(self, on_text: OnText, stop: Sequence[str], loop: Any) -> None:
+        self.on_text, self.text, self.loop = on_text, StreamedText(stop), loop
+        self.future: Any = None
+        self.gone = False
+
+    def _send(self, text: str, final: bool = False) -> None:
+        piece = self.text.advance(text, final)
+        if piece and not self.gone:
+            try:
+                self.on_text(piece)
+            except ClientGone:
+                self.gone = True
+                if self.future is not None:
+                    self.loop.abort([self.future])
+
+    def __call__(self, choices: list[Any]) -> None:
+        self._send(choices[0].text)
+
+    def finish(self, text: str) -> None:
+        """What was held back at the end (a tail that turned out not to start a stop string)."""
+        self._send(text, final=True)
 
 
 # ---------------------------------------------------------------------------------------------- the engine
@@ -582,9 +620,11 @@ class ALMInference:
 
     @property
     def max_context(self) -> int | None:
-        """The frozen LLM's context length in tokens (None when its config does not say)."""
-        n = getattr(self.alm.llm.config, "max_position_embeddings", None)
-        return int(n) if n else None
+        """The frozen LLM's context length in tokens (None when its config does not say), or the back end's
+        if smaller (vLLM's `llm.max_model_len`)."""
+        limits = [getattr(self.alm.llm.config, "max_position_embeddings", None),
+                  getattr(self.backend, "max_model_len", None)]
+        return min((int(n) for n in limits if n), default=None)
 
     def _check_length(self, prompt: dict[str, Any], max_new_tokens: int) -> Generation | None:
         n = int(prompt["prompt_embeds"].shape[0]) if "prompt_embeds" in prompt else len(prompt["prompt_token_ids"])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ralm.audio.io import AudioError
-from ralm.eval.inference import ALMInference, chat, check_text_preserved
+from ralm.eval.inference import ALMInference, ClientGone, chat, check_text_preserved
 from tests.fixtures.tiny_alm import make_tiny_export
 
 
@@ -537,6 +537,23 @@ def test_vllm_backend_from_prompt_embeddings_matches_transformers(exports, write
         assert [g.text for g in vl.generate(asks, 8)] == want
         assert all(r["same"] for r in check_text_preserved(vl, ["What is the capital of France?"], 12))
         _assert_seeds_are_per_prompt(vl, clip)
+        # Streamed token by token; a reader that leaves stops its own request, not the others of its call.
+        pieces: list[str] = []
+        streamed = vl.generate([asks[0]], 8, on_text=pieces.append)[0]
+        assert "".join(pieces) == streamed.text == want[0] and len(pieces) > 1
+
+        def leave(piece: str) -> None:
+            raise ClientGone("the reader left")
+
+        with pytest.raises(ClientGone):
+            vl.generate([asks[0]], 64, on_text=leave)
+        left, stayed = vl.generate([asks[0], asks[0]], 8, on_text=[leave, None])
+        assert left.error_code == "client_gone" and stayed.text == want[0]
+        # The context is vLLM's max_model_len (384 here), not the checkpoint's: refused before vLLM sees it.
+        assert vl.max_context == 384
+        too_long = vl.generate([(None, "word " * 400)], 8)[0]
+        assert too_long.error_code == "context_length_exceeded" and "384" in too_long.error
+        assert not vl.backend.llm.llm_engine.has_unfinished_requests()
         assert numba.njit(lambda x: x * 3)(2) == 6  # and after it
     finally:
         vl.close()

@@ -158,9 +158,10 @@ class _StepLoop:
         self._thread.start()
 
     # -------------------------------------------------------------------------------- callers
-    def submit(self, prompt_ids: list[int], params: Any, on_output: Callable[[list[Any]], None] | None = None
-               ) -> Future:
-        """`on_output` (with `params` asking for cumulative outputs): called on the loop thread after each
+    def submit(self, prompt_ids: list[int] | dict[str, Any], params: Any,
+               on_output: Callable[[list[Any]], None] | None = None) -> Future:
+        """`prompt_ids`: token ids, or a vLLM prompt dict (`{"prompt_embeds": tensor}` for the ALM).
+        `on_output` (with `params` asking for cumulative outputs): called on the loop thread after each
         step with the request's choices so far (vLLM's CompletionOutputs); an error in it is logged, not
         raised. The future's result holds every choice, as without it."""
         fut: Future = Future()
@@ -262,7 +263,8 @@ class _StepLoop:
         if not fut.set_running_or_notify_cancel():  # cancelled before it got here
             return
         try:
-            prompt: Any = {"prompt_token_ids": list(prompt_ids)}  # a vllm.inputs.TokensPrompt
+            # a vllm.inputs.TokensPrompt, or the prompt dict as given (an EmbedsPrompt)
+            prompt: Any = dict(prompt_ids) if isinstance(prompt_ids, dict) else {"prompt_token_ids": list(prompt_ids)}
             if self._prepare is not None:
                 prompt = self._prepare(prompt)
             self._engine.add_request(rid, prompt, params)
