@@ -323,6 +323,12 @@ class MappedMCQ(Benchmark):
 
     def parse(self, item: dict[str, Any], n: int, audio_root: str | None, data_path: str) -> MCQItem:
         f = self.fields
+        mapped = [f.audio, f.question, f.answer, *([f.choices] if isinstance(f.choices, str) else f.choices),
+                  *([f.domain] if f.domain else [])]
+        absent = [c for c in mapped if c not in item]
+        if absent:  # eval.fields names a column the file does not have: say which ones it has
+            raise BadItem("missing_column", f"no column {', '.join(map(repr, absent))} in the file (it has: "
+                          f"{', '.join(map(str, item))}); map them in eval.fields")
         audio = _need(item, f.audio)
         if isinstance(audio, dict):  # a Hugging Face Audio column: {"bytes": ..., "path": ...}, not written out
             raise BadItem("embedded_audio", f"column {f.audio!r} holds the audio itself, not a path (the eval "

@@ -261,5 +261,6 @@ def test_eval_stage_on_a_file_it_cannot_use_says_why_before_any_work(tmp_path):
     (tmp_path / "b.csv").write_text("wav,question,choices,answer\nx.wav,Q?,\"['a', 'b']\",a\n")
     cfg = RalmConfig()
     cfg.eval.benchmark, cfg.eval.data = "mcq", str(tmp_path / "b.csv")  # eval.fields.audio is still "audio"
-    with pytest.raises(ValueError, match=r"no usable mcq items \(1 rejected: .*missing_field.*item 0: no audio"):
+    with pytest.raises(ValueError, match=r"no usable mcq items \(1 rejected: .*missing_column.*item 0: no column "
+                       r"'audio' in the file \(it has: wav, question, choices, answer\)"):
         run(cfg, str(tmp_path / "run"))
