@@ -108,6 +108,11 @@ def per_prompt_seeds(seed: Seeds, n: int) -> list[int | None]:
     return [None if s is None else int(s) for s in seeds]
 
 
+def prompt_length(prompt: dict[str, Any]) -> int:
+    """A back-end prompt's length in tokens: its embedding rows, or its token ids."""
+    return int(prompt["prompt_embeds"].shape[0]) if "prompt_embeds" in prompt else len(prompt["prompt_token_ids"])
+
+
 def per_prompt(on_text: OnTexts, n: int) -> list[OnText | None]:
     if on_text is None or callable(on_text):
         if on_text is not None and n != 1:
@@ -373,11 +378,11 @@ class VLLMBackend(Backend):
 
     def __init__(self, alm: Any, llm_path: str, llm: dict[str, Any] | None = None, **_: Any):
         from ralm.config import LLMConfig
-        from ralm.llm.engines.vllm import _StepLoop, start_vllm
+        from ralm.llm.engines.vllm import StepLoop, start_vllm
 
         self.llm = start_vllm(llm_path, LLMConfig.model_validate(llm or {}), enable_prompt_embeds=True)
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
-        self._loop = _StepLoop(self.llm, name="ralm-alm-vllm-steps")
+        self._loop = StepLoop(self.llm, name="ralm-alm-vllm-steps")
 
     def generate(self, prompts: Sequence[dict[str, Any]], max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, seed: Seeds = 0, on_text: OnTexts = None,
@@ -410,8 +415,8 @@ class VLLMBackend(Backend):
                     raise ClientGone(str(e)) from None
                 result.append(Generation("", 0, 0, "error", f"client_gone: {e}", "client_gone"))
                 continue
-            n_prompt = int(p["prompt_embeds"].shape[0]) if "prompt_embeds" in p else len(p["prompt_token_ids"])
-            gen = Generation(c.text, n_prompt, len(c.token_ids), "stop" if c.finish_reason == "stop" else "length")
+            gen = Generation(c.text, prompt_length(p), len(c.token_ids),
+                             "stop" if c.finish_reason == "stop" else "length")
             if relay is not None:
                 relay.finish(gen.text)
             result.append(gen)
@@ -627,7 +632,7 @@ class ALMInference:
         return min((int(n) for n in limits if n), default=None)
 
     def _check_length(self, prompt: dict[str, Any], max_new_tokens: int) -> Generation | None:
-        n = int(prompt["prompt_embeds"].shape[0]) if "prompt_embeds" in prompt else len(prompt["prompt_token_ids"])
+        n = prompt_length(prompt)
         limit = self.max_context
         if limit is None or n + max_new_tokens <= limit:
             return None

@@ -237,10 +237,10 @@ class _FakeVLLM:
 def test_step_loop_joins_running_batch_and_isolates_errors():
     from concurrent.futures import CancelledError
 
-    from ralm.llm.engines.vllm import EngineDied, _StepLoop
+    from ralm.llm.engines.vllm import EngineDied, StepLoop
 
     fake = _FakeVLLM()
-    loop = _StepLoop(fake)
+    loop = StepLoop(fake)
     try:
         long = loop.submit([1, 2], 400)
         while not fake.left:
@@ -264,9 +264,9 @@ def test_step_loop_joins_running_batch_and_isolates_errors():
 
 
 def test_step_loop_crash_fails_pending_and_later_requests():
-    from ralm.llm.engines.vllm import EngineDied, _StepLoop
+    from ralm.llm.engines.vllm import EngineDied, StepLoop
 
-    loop = _StepLoop(_FakeVLLM(crash_at=5))
+    loop = StepLoop(_FakeVLLM(crash_at=5))
     pending = [loop.submit([1, 2], 100) for _ in range(3)]
     for f in pending:  # an error, not a hang
         assert isinstance(f.exception(timeout=10), EngineDied) and "boom" in str(f.exception())
@@ -276,10 +276,10 @@ def test_step_loop_crash_fails_pending_and_later_requests():
 
 def test_step_loop_close_fails_requests_queued_behind_it():
     """Requests drained in the same batch as `close()`'s stop message are failed too, never left waiting."""
-    from ralm.llm.engines.vllm import EngineDied, _StepLoop
+    from ralm.llm.engines.vllm import EngineDied, StepLoop
 
     fake = _FakeVLLM()
-    loop = _StepLoop(fake, gather_s=0.2)  # the idle loop gathers: stop and the adds behind it come together
+    loop = StepLoop(fake, gather_s=0.2)  # the idle loop gathers: stop and the adds behind it come together
     first = loop.submit([1, 2], 1)
     loop.close(timeout_s=0)
     late = [loop.submit([1, 2], 1) for _ in range(3)]

@@ -5,7 +5,7 @@ On CPU: eager mode (no graph capture: faster start), a KV cache sized by `cpu_kv
 the engine core kept in-process (one process per replica instead of two). Prefix caching on: every
 request of a stage shares its system prompt and few-shot examples.
 
-Continuous batching: one thread per engine (`_StepLoop`) owns vLLM's `LLMEngine` and loops
+Continuous batching: one thread per engine (`StepLoop`) owns vLLM's `LLMEngine` and loops
 `add_request` / `step()`; every caller (a thread, or a coroutine through `_agenerate`) submits its own
 requests and waits for their futures, so a request submitted while others run joins the batch at the next
 step instead of waiting for the batch to finish. (vLLM's AsyncLLM would do the same but needs the engine
@@ -134,7 +134,7 @@ class EngineDied(RuntimeError):
     """The engine's step loop has stopped (a crash, or `close()`): it serves nothing any more."""
 
 
-class _StepLoop:
+class StepLoop:
     """The one thread that touches `llm.llm_engine` (it is not thread-safe): it adds the requests callers
     submit, aborts the ones they give up on, and calls `step()` while any is unfinished; it blocks when
     idle. `submit` returns a Future resolved with the request's final RequestOutput, or with the exception
@@ -296,7 +296,7 @@ class VLLMEngine(Engine):
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         # serve.batch_wait_timeout_s: how long an idle engine lets a burst of requests gather before it steps.
         serve_cfg = getattr(llm_cfg, "serve", None)
-        self._loop = _StepLoop(self.llm, gather_s=float(getattr(serve_cfg, "batch_wait_timeout_s", 0.0) or 0.0))
+        self._loop = StepLoop(self.llm, gather_s=float(getattr(serve_cfg, "batch_wait_timeout_s", 0.0) or 0.0))
 
     def _params(self, r: GenRequest, streamed: bool = False, **extra: Any) -> Any:
         from vllm import SamplingParams
