@@ -235,15 +235,16 @@ class SeededSampling:
     seed is left alone (a server samples for many clients at once)."""
 
     def __init__(self, seeds: Sequence[int | None], temperature: float, top_p: float = 1.0):
-        self.generators = []
-        for s in seeds:
-            g = torch.Generator()
-            if s is None:
-                g.seed()  # no seed asked for: a fresh one
-            else:
-                g.manual_seed(int(s))
-            self.generators.append(g)
+        # no seed asked for: a fresh one, drawn now so the row's generator is fixed however it is placed
+        self.seeds = [int(s) if s is not None else torch.Generator().seed() for s in seeds]
+        self.generators: list[torch.Generator] = []
         self.temperature, self.top_p = temperature, top_p
+
+    def _generators_on(self, device: torch.device) -> list[torch.Generator]:
+        # made where the logits are: noise drawn on the CPU would be a batch x vocab copy per token on a GPU
+        if not self.generators or self.generators[0].device != device:
+            self.generators = [torch.Generator(device=device).manual_seed(s) for s in self.seeds]
+        return self.generators
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         logp = torch.log_softmax(scores.float() / self.temperature, dim=-1)
@@ -252,7 +253,8 @@ class SeededSampling:
             p = sorted_lp.exp()
             drop = (p.cumsum(-1) - p) >= self.top_p
             logp = logp.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-        u = torch.stack([torch.rand(logp.shape[-1], generator=g) for g in self.generators]).to(logp.device)
+        vocab, device = logp.shape[-1], logp.device
+        u = torch.stack([torch.rand(vocab, generator=g, device=device) for g in self._generators_on(device)])
         return logp - torch.log(-torch.log(u.clamp_min(torch.finfo(u.dtype).tiny)))
 
     def kwargs(self) -> dict[str, Any]:
@@ -399,13 +401,8 @@ class VLLMBackend(Backend):
                                     output_kind=RequestOutputKind.CUMULATIVE if f else RequestOutputKind.FINAL_ONLY)
             prompt = ({"prompt_embeds": p["prompt_embeds"].detach().to("cpu")} if "prompt_embeds" in p
                       else list(p["prompt_token_ids"]))
-            relay = _TextRelay(f, stop, self._loop) if f else None
-            futures.append(self._loop.submit(prompt, params, relay))
-            if relay is not None:
-                relay.future = futures[-1]
-                if relay.gone:  # its reader left before the future was known to the relay
-                    self._loop.abort([relay.future])
-            relays.append(relay)
+            relays.append(_TextRelay(f, stop, self._loop) if f else None)
+            futures.append(self._loop.submit(prompt, params, relays[-1]))
         result = []
         for p, fut, relay in zip(prompts, futures, relays, strict=True):
             try:
@@ -436,7 +433,7 @@ class _TextRelay:
 
     def __init__(self, on_text: OnText, stop: Sequence[str], loop: Any) -> None:
         self.on_text, self.text, self.loop = on_text, StreamedText(stop), loop
-        self.future: Any = None
+        self.future: Any = None  # the request's, from its first output on
         self.gone = False
 
     def _send(self, text: str, final: bool = False) -> None:
@@ -449,7 +446,8 @@ class _TextRelay:
                 if self.future is not None:
                     self.loop.abort([self.future])
 
-    def __call__(self, choices: list[Any]) -> None:
+    def __call__(self, choices: list[Any], future: Any) -> None:
+        self.future = future
         self._send(choices[0].text)
 
     def finish(self, text: str) -> None:

@@ -283,6 +283,18 @@ def test_seeded_sampling_rows_draw_the_same_beside_any_other_rows():
         assert picks[0] == picks[2] == alone(None, scores[:1]).argmax(-1)[0]
 
 
+@pytest.mark.gpu
+def test_seeded_sampling_draws_its_noise_where_the_logits_are():
+    from ralm.eval.inference import SeededSampling
+
+    scores = torch.randn(3, 50, device="cuda")
+    scores[2] = scores[0]
+    together, alone = SeededSampling([7, 8, 7], 1.0), SeededSampling([7], 1.0)
+    picks = together(None, scores).argmax(-1)
+    assert {g.device.type for g in together.generators} == {"cuda"}  # no per-token host-to-device copy
+    assert picks[0] == picks[2] == alone(None, scores[:1]).argmax(-1)[0]
+
+
 def test_transformers_backend_samples_each_prompt_with_its_own_seed(engine, write_wav, monkeypatch):
     calls = []
     generate = engine.alm.llm.generate

@@ -159,11 +159,12 @@ class StepLoop:
 
     # -------------------------------------------------------------------------------- callers
     def submit(self, prompt_ids: list[int] | dict[str, Any], params: Any,
-               on_output: Callable[[list[Any]], None] | None = None) -> Future:
+               on_output: Callable[[list[Any], Future], None] | None = None) -> Future:
         """`prompt_ids`: token ids, or a vLLM prompt dict (`{"prompt_embeds": tensor}` for the ALM).
         `on_output` (with `params` asking for cumulative outputs): called on the loop thread after each
-        step with the request's choices so far (vLLM's CompletionOutputs); an error in it is logged, not
-        raised. The future's result holds every choice, as without it."""
+        step with the request's choices so far (vLLM's CompletionOutputs) and its future (to `abort` it
+        from there); an error in it is logged, not raised. The future's result holds every choice, as
+        without it."""
         fut: Future = Future()
         fut.request_id = rid = f"ralm-{next(self._ids)}"  # type: ignore[attr-defined]
         fut.on_output = on_output  # type: ignore[attr-defined]
@@ -241,7 +242,7 @@ class StepLoop:
             out.outputs = [choices[k] for k in sorted(choices)]
             if not out.finished:
                 try:
-                    on_output(out.outputs)
+                    on_output(out.outputs, fut)
                 except Exception:  # noqa: BLE001 - a reader's error must not stop the engine for everyone
                     log.exception("a streamed request's output callback failed")
         if out.finished:
@@ -274,10 +275,10 @@ class StepLoop:
         self._running[rid] = fut
 
 
-def _reporter(report: SampleProgress, n: int, copies: int) -> Callable[[list[Any]], None]:
+def _reporter(report: SampleProgress, n: int, copies: int) -> Callable[[list[Any], Future], None]:
     """A step's choices -> `report(sample, text so far)` for every sample they stand for (a greedy answer
     computed once stands for its copies: sample = copy x n + choice, as `_outputs` orders them)."""
-    def on_output(choices: list[Any]) -> None:
+    def on_output(choices: list[Any], _: Future) -> None:
         for c in choices:
             for copy in range(copies):
                 report(copy * n + c.index, c.text)
