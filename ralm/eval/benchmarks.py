@@ -15,7 +15,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -67,20 +67,16 @@ class BadItem(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- file helpers
-def read_items(path: str) -> list[dict[str, Any]]:
-    """A JSON list (or {"data": [...]}), JSON lines, CSV, TSV or Parquet (by extension), local or s3://."""
+def read_items(path: str) -> Iterable[dict[str, Any]]:
+    """A JSON list (or {"data": [...]}), JSON lines, CSV, TSV or Parquet (by extension), local or s3://.
+    Parquet is read a batch of rows at a time: a file with its clips embedded can outgrow memory."""
+    ext = path.lower().rsplit(".", 1)[-1]
     try:
+        if ext == "parquet":
+            return _parquet_rows(path)
         raw = storage.read_bytes(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"benchmark file {path} does not exist") from None
-    ext = path.lower().rsplit(".", 1)[-1]
-    if ext == "parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            return pq.read_table(io.BytesIO(raw)).to_pylist()
-        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
-            raise ValueError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
     text = raw.decode("utf-8-sig")
     if ext in ("csv", "tsv"):
         return list(csv.DictReader(io.StringIO(text), delimiter="\t" if ext == "tsv" else ","))
@@ -99,6 +95,31 @@ def read_items(path: str) -> list[dict[str, Any]]:
     if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
         raise ValueError(f"{path}: expected a list of JSON objects")
     return data
+
+
+def _parquet_rows(path: str, batch_rows: int = 64) -> Iterator[dict[str, Any]]:
+    """The file opened (and its footer checked) now; its rows read as the caller goes."""
+    import pyarrow.parquet as pq
+
+    def unreadable(e: Exception) -> ValueError:
+        return ValueError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})")
+
+    fs, local = storage.filesystem(path)
+    f = fs.open(local, "rb")  # pre_buffer off below: on, pyarrow reads every row group up front
+    try:
+        batches = pq.ParquetFile(f, pre_buffer=False).iter_batches(batch_size=batch_rows)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        f.close()
+        raise unreadable(e) from None
+
+    def rows() -> Iterator[dict[str, Any]]:
+        with f:
+            try:
+                for batch in batches:
+                    yield from batch.to_pylist()
+            except OSError as e:  # a damaged row group further in
+                raise unreadable(e) from None
+    return rows()
 
 
 def write_embedded_audio(item: dict[str, Any], audio_dir: str) -> dict[str, Any]:

@@ -254,6 +254,30 @@ def test_audio_embedded_in_a_parquet_file_is_written_out_once(tmp_path, monkeypa
     assert os.path.getmtime(paths[0]) == mtime  # a rerun writes nothing again
 
 
+def test_a_parquet_file_of_embedded_clips_is_read_a_batch_at_a_time(tmp_path):
+    """A benchmark's clips embedded in its Parquet file can be larger than memory: the stage holds one batch
+    of rows at a time (the clips are written out and dropped), not the file."""
+    import tracemalloc
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    clip_bytes, n = 100_000, 240  # 24 MB of clips
+    rows = [{"id": f"i{k}", "audio_id": {"bytes": rng.bytes(clip_bytes), "path": f"{k}.wav"}, "question": "Q?",
+             "choices": ["a", "b"], "answer": "a"} for k in range(n)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "hf.parquet", row_group_size=32)
+    del rows
+    tracemalloc.start()
+    try:
+        got = load_benchmark("mmau", str(tmp_path / "hf.parquet"), audio_dir=str(tmp_path / "audio"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(got.items) == n and len(list((tmp_path / "audio").iterdir())) == n
+    assert peak < n * clip_bytes / 2, f"peak {peak / 1e6:.1f} MB of Python objects for a 24 MB file"
+
+
 def test_eval_stage_on_a_file_it_cannot_use_says_why_before_any_work(tmp_path):
     from ralm.config import RalmConfig
     from ralm.eval.run import run
