@@ -119,8 +119,8 @@ class ServeConfig(Section):
     max_retries: int = Field(3, ge=0, description="Re-sends of a request whose replica died or timed out")
     app_name: str = Field("ralm-llm", description="Serve application name (also the served model name)")
     route_prefix: str = Field("/", description="HTTP prefix of the app: the OpenAI base URL is {prefix}/v1")
-    max_batch_size: int = Field(32, ge=1, description="Unused since replicas batch continuously (vLLM "
-                                "schedules every request in flight); kept so older configs still load")
+    max_batch_size: int = Field(32, ge=1, description="Rows the transformers engine decodes in one batch "
+                                "(vLLM schedules every request in flight itself)")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="An idle replica waits this long after a first "
                                         "request so a burst shares its first engine step")
 

@@ -33,6 +33,7 @@ from ralm.audio.io import AudioError, resample
 from ralm.config import EncoderSpec
 from ralm.encoders.cache import FeatureCache, audio_key
 from ralm.llm.engines import StreamedText, cut_at_eos, cut_at_stop
+from ralm.llm.sampling import GREEDY, SeededSampling
 from ralm.model.chat import Dialogue, Question
 from ralm.storage import UNREACHABLE, StorageError
 
@@ -224,46 +225,6 @@ class RowStreamer:
 
     def end(self) -> None:
         pass
-
-
-class SeededSampling:
-    """Temperature / top-p sampling as greedy decoding over noisy log-probabilities, one generator per row
-    (a `generate(logits_processor=...)` with `do_sample=False`): the argmax of log p plus Gumbel noise is a
-    draw from p, and a row's noise comes from its own seed and step alone. Prompts with different seeds
-    share one batched `generate` (HF's sampler draws from one generator for the whole batch, so a row's
-    draw would depend on the rows beside it), each drawing what it draws alone, and the process-wide torch
-    seed is left alone (a server samples for many clients at once)."""
-
-    def __init__(self, seeds: Sequence[int | None], temperature: float, top_p: float = 1.0):
-        # no seed asked for: a fresh one, drawn now so the row's generator is fixed however it is placed
-        self.seeds = [int(s) if s is not None else torch.Generator().seed() for s in seeds]
-        self.generators: list[torch.Generator] = []
-        self.temperature, self.top_p = temperature, top_p
-
-    def _generators_on(self, device: torch.device) -> list[torch.Generator]:
-        # made where the logits are: noise drawn on the CPU would be a batch x vocab copy per token on a GPU
-        if not self.generators or self.generators[0].device != device:
-            self.generators = [torch.Generator(device=device).manual_seed(s) for s in self.seeds]
-        return self.generators
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        logp = torch.log_softmax(scores.float() / self.temperature, dim=-1)
-        if self.top_p < 1.0:  # keep the most likely tokens until their mass reaches top_p (at least one)
-            sorted_lp, order = logp.sort(dim=-1, descending=True)
-            p = sorted_lp.exp()
-            drop = (p.cumsum(-1) - p) >= self.top_p
-            logp = logp.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-        vocab, device = logp.shape[-1], logp.device
-        u = torch.stack([torch.rand(vocab, generator=g, device=device) for g in self._generators_on(device)])
-        return logp - torch.log(-torch.log(u.clamp_min(torch.finfo(u.dtype).tiny)))
-
-    def kwargs(self) -> dict[str, Any]:
-        from transformers import LogitsProcessorList
-
-        return {"logits_processor": LogitsProcessorList([self])}
-
-
-GREEDY = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
 
 
 @register_backend("transformers")

@@ -256,7 +256,7 @@ def test_one_seed_or_one_per_prompt():
 
 
 def test_seeded_sampling_draws_from_the_tempered_top_p_distribution():
-    from ralm.eval.inference import SeededSampling
+    from ralm.llm.sampling import SeededSampling
 
     p = torch.tensor([0.5, 0.3, 0.15, 0.05])
     rows = 6000
@@ -273,7 +273,7 @@ def test_seeded_sampling_draws_from_the_tempered_top_p_distribution():
 
 
 def test_seeded_sampling_rows_draw_the_same_beside_any_other_rows():
-    from ralm.eval.inference import SeededSampling
+    from ralm.llm.sampling import SeededSampling
 
     scores = torch.randn(3, 50)
     scores[2] = scores[0]  # rows 0 and 2: the same prompt and seed
@@ -285,7 +285,7 @@ def test_seeded_sampling_rows_draw_the_same_beside_any_other_rows():
 
 @pytest.mark.gpu
 def test_seeded_sampling_draws_its_noise_where_the_logits_are():
-    from ralm.eval.inference import SeededSampling
+    from ralm.llm.sampling import SeededSampling
 
     scores = torch.randn(3, 50, device="cuda")
     scores[2] = scores[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,49 @@ def test_max_new_tokens_capped_by_context(engine):
     room = engine.max_model_len - engine.count_tokens(conv)
     c = engine.chat([conv], {"temperature": 0.0, "max_new_tokens": 500})[0][0]
     assert room >= 1 and c.ok and c.completion_tokens <= room
+
+
+def _convs(k: int) -> list[list[dict]]:
+    return [[{"role": "user", "content": "Name a sound " + "and another " * j + "."}] for j in range(k)]
+
+
+def test_concurrent_requests_are_decoded_together_and_answer_as_each_alone(engine, monkeypatch):
+    """A Serve replica gets its requests one per call from many threads: requests queued while the model
+    is busy are decoded in shared batches (greedy ones in one, sampled ones in another), each answering
+    what it answers alone, sampled ones drawing from their own seeds."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sampled = [Sampling(temperature=1.0, top_p=0.9, max_new_tokens=8, seed=s) for s in (1, 2, 1)]
+    jobs = [(c, GREEDY, 1) for c in _convs(4)] + [(c, s, 2) for c, s in zip(_convs(3), sampled, strict=True)]
+    alone = [engine.chat([c], s, n=n)[0] for c, s, n in jobs]
+    calls = []
+    generate = engine.model.generate
+    monkeypatch.setattr(engine.model, "generate", lambda *a, **kw: calls.append(a[0].shape[0]) or generate(*a, **kw))
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        with engine._lock:  # the model is busy: every request queues behind it
+            futures = [pool.submit(engine.chat, [c], s, n) for c, s, n in jobs]
+            deadline = time.monotonic() + 120  # a guard, not a timing: a thread that died never queues
+            while engine._queue.qsize() < len(jobs) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        together = [f.result()[0] for f in futures]
+    assert sorted(calls) == [4, 6]  # 4 greedy prompts in one batch, 3 sampled x 2 samples in another
+    assert [[c.text for c in x] for x in together] == [[c.text for c in x] for x in alone]
+    assert together[4][0].text == together[6][0].text and together[4][0].text != together[4][1].text  # seeds
+    assert all(c.ok and c.completion_tokens >= 1 for x in together for c in x)
+
+
+def test_a_batch_never_runs_a_row_past_its_context(engine):
+    """A batch decodes for its longest max_tokens: a row is put with others only where its prompt plus that
+    still fits the model (positions past it would be garbage, or an index error in learned embeddings)."""
+    from ralm.llm.engines.transformers import _Row
+
+    limit, width = engine.max_model_len, engine.max_batch_rows
+    rows = [_Row(0, [1] * 10, limit - 10, None), _Row(1, [1] * 100, 20, None)]
+    assert [[r.request for r in b] for b in engine._batches(rows)] == [[0], [1]]
+    rows = [_Row(0, [1] * 10, 20, None), _Row(1, [1] * 100, 20, None)]
+    assert [[r.request for r in b] for b in engine._batches(rows)] == [[0, 1]]
+    many = [_Row(i, [1] * 5, 5, None) for i in range(width + 3)]
+    assert [len(b) for b in engine._batches(many)] == [width, 3]
 
 
 @pytest.fixture

@@ -1,19 +1,38 @@
 """The transformers engine: a fallback for models vLLM can't load, and an exact reference in tests.
 
-Requests run one at a time (n samples at once via num_return_sequences); fine for tiny/CPU models.
+Concurrent requests are decoded together: a caller that finds the model busy queues its requests, and
+whoever takes the model next decodes everything queued in left-padded batches of
+`llm.serve.max_batch_size` rows (a Serve replica's requests arrive one per call from many threads).
+Sampling draws each row from its own seed (`SeededSampling`), so an answer does not depend on the
+requests it was batched with; a lone prompt is decoded unpadded, as `generate` would alone.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
+from collections import defaultdict
 from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ralm.llm.engines import Engine, GenOutput, GenRequest, cut_at_eos, register
+from ralm.llm.sampling import GREEDY, SeededSampling, sample_seeds
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class _Row:
+    """One sequence to decode: sample `j` of a queued request."""
+
+    request: int
+    prompt_ids: list[int]
+    max_tokens: int
+    seed: int | None
 
 
 @register("transformers")
@@ -31,33 +50,96 @@ class TransformersEngine(Engine):
         eos = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
         self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
-        self._lock = threading.Lock()  # the global RNG and the model are shared by threads (Serve)
+        self.max_batch_rows = int(getattr(getattr(llm_cfg, "serve", None), "max_batch_size", 8))
+        self._lock = threading.Lock()  # the model decodes one batch (or scores one pass) at a time
+        self._queue: queue.SimpleQueue[tuple[GenRequest, Future]] = queue.SimpleQueue()
+
+    # -------------------------------------------------------------------------------- generation
+    def _generate(self, requests: Sequence[GenRequest]) -> list[list[GenOutput] | BaseException]:
+        mine = [(r, Future()) for r in requests]
+        for item in mine:
+            self._queue.put(item)
+        with self._lock:
+            # Whoever holds the model decodes everything queued: ours unless a caller before us took them,
+            # in which case it resolved them before letting go of the model.
+            queued = []
+            while True:
+                try:
+                    queued.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            if queued:
+                self._decode_queued(queued)
+        out: list[list[GenOutput] | BaseException] = []
+        for _, fut in mine:
+            err = fut.exception()
+            out.append(err if err is not None else fut.result())
+        return out
 
     @torch.inference_mode()
-    def _generate(self, requests: Sequence[GenRequest]) -> list[list[GenOutput]]:
-        with self._lock:
-            return [self._one(r) for r in requests]
+    def _decode_queued(self, queued: list[tuple[GenRequest, Future]]) -> None:
+        try:
+            groups: dict[tuple[float, float], list[_Row]] = defaultdict(list)  # (0, 0): greedy
+            for i, (r, _) in enumerate(queued):
+                if r.temperature > 0:
+                    for seed in sample_seeds(r.seed, r.n):
+                        groups[(r.temperature, r.top_p)].append(_Row(i, r.prompt_ids, r.max_tokens, seed))
+                else:  # greedy samples are identical: decode once, repeat below
+                    groups[(0.0, 0.0)].append(_Row(i, r.prompt_ids, r.max_tokens, None))
+            outs: dict[int, list[GenOutput]] = defaultdict(list)
+            failed: dict[int, BaseException] = {}
+            for (temperature, top_p), rows in groups.items():
+                rows.sort(key=lambda row: len(row.prompt_ids))  # similar lengths together: less padding
+                for chunk in self._batches(rows):
+                    try:
+                        decoded = self._decode_rows(chunk, temperature, top_p)
+                    except Exception as e:  # noqa: BLE001 - these rows' requests fail; the others go on
+                        failed.update({row.request: e for row in chunk})
+                        continue
+                    for row, toks in zip(chunk, decoded, strict=True):
+                        toks, finish = cut_at_eos(toks[:row.max_tokens], self.eos_ids)
+                        outs[row.request].append(
+                            GenOutput(toks, self.tokenizer.decode(toks, skip_special_tokens=True), finish))
+            for i, (r, fut) in enumerate(queued):
+                if i in failed:
+                    fut.set_exception(failed[i])
+                else:  # a request's rows stay in order: the sort is stable and they share a prompt
+                    fut.set_result(outs[i] if r.temperature > 0 else outs[i] * r.n)
+        except BaseException as e:  # nobody may wait forever on a request we took
+            for _, fut in queued:
+                if not fut.done():
+                    fut.set_exception(e)
+            raise
 
-    def _one(self, r: GenRequest) -> list[GenOutput]:
-        ids = torch.tensor([r.prompt_ids], device=self.device)
-        sample = r.temperature > 0
-        if r.seed is not None:
-            torch.manual_seed(r.seed)
-        kwargs: dict[str, Any] = dict(do_sample=sample, temperature=r.temperature, top_p=r.top_p) if sample else {
-            "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        # Greedy samples are identical: decode once and repeat (generate refuses n > 1 without sampling).
+    def _batches(self, rows: Sequence[_Row]) -> list[list[_Row]]:
+        """Rows sorted by prompt length -> batches of at most max_batch_rows in which every row fits the
+        context for the batch's longest max_tokens (a batch decodes that many steps for all its rows)."""
+        batches: list[list[_Row]] = []
+        for row in rows:
+            last = batches[-1] if batches else None
+            if (last is None or len(last) >= self.max_batch_rows
+                    or len(row.prompt_ids) + max(row.max_tokens, *(r.max_tokens for r in last)) > self.max_model_len):
+                batches.append([row])
+            else:
+                last.append(row)
+        return batches
+
+    def _decode_rows(self, rows: Sequence[_Row], temperature: float, top_p: float) -> list[list[int]]:
+        """New token ids per row (up to the longest max_tokens of the batch), left-padded together."""
+        width = max(len(row.prompt_ids) for row in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for k, row in enumerate(rows):
+            ids[k, width - len(row.prompt_ids):] = torch.tensor(row.prompt_ids)
+            mask[k, width - len(row.prompt_ids):] = 1
+        sampling = SeededSampling([row.seed for row in rows], temperature, top_p).kwargs() if temperature > 0 else {}
         out = self.model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=r.max_tokens,
-            num_return_sequences=r.n if sample else 1,
-            eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id, **kwargs,
+            ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=max(r.max_tokens for r in rows),
+            eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id, **GREEDY, **sampling,
         )
-        rows = out[:, ids.shape[1]:].tolist()
-        results = []
-        for row in rows if sample else rows * r.n:
-            toks, finish = cut_at_eos(row, self.eos_ids)
-            results.append(GenOutput(toks, self.tokenizer.decode(toks, skip_special_tokens=True), finish))
-        return results
+        return out[:, width:].tolist()
 
+    # -------------------------------------------------------------------------------- scoring
     @torch.inference_mode()
     def _prompt_logprobs(self, sequences: Sequence[list[int]], start: Sequence[int]) -> list[list[float]]:
         out = []
