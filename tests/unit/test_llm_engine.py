@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -109,20 +110,43 @@ def test_concurrent_requests_are_decoded_together_and_answer_as_each_alone(engin
     sampled = [Sampling(temperature=1.0, top_p=0.9, max_new_tokens=8, seed=s) for s in (1, 2, 1)]
     jobs = [(c, GREEDY, 1) for c in _convs(4)] + [(c, s, 2) for c, s in zip(_convs(3), sampled, strict=True)]
     alone = [engine.chat([c], s, n=n)[0] for c, s, n in jobs]
-    calls = []
+    calls, busy = [], threading.Event()
     generate = engine.model.generate
-    monkeypatch.setattr(engine.model, "generate", lambda *a, **kw: calls.append(a[0].shape[0]) or generate(*a, **kw))
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        with engine._lock:  # the model is busy: every request queues behind it
-            futures = [pool.submit(engine.chat, [c], s, n) for c, s, n in jobs]
+
+    def first_waits_for_the_rest(*a, **kw):
+        calls.append(a[0].shape[0])
+        if len(calls) == 1:  # the model is busy with a first request while all the others arrive
+            busy.set()
             deadline = time.monotonic() + 120  # a guard, not a timing: a thread that died never queues
             while engine._queue.qsize() < len(jobs) and time.monotonic() < deadline:
                 time.sleep(0.01)
+        return generate(*a, **kw)
+
+    monkeypatch.setattr(engine.model, "generate", first_waits_for_the_rest)
+    with ThreadPoolExecutor(len(jobs) + 1) as pool:
+        first = pool.submit(engine.chat, [CONV], GREEDY)
+        busy.wait(120)
+        futures = [pool.submit(engine.chat, [c], s, n) for c, s, n in jobs]
         together = [f.result()[0] for f in futures]
-    assert sorted(calls) == [4, 6]  # 4 greedy prompts in one batch, 3 sampled x 2 samples in another
+    assert first.result()[0][0].ok
+    assert sorted(calls[1:]) == [4, 6] and calls[0] == 1  # 4 greedy prompts in one batch, 3 sampled x 2 in another
     assert [[c.text for c in x] for x in together] == [[c.text for c in x] for x in alone]
     assert together[4][0].text == together[6][0].text and together[4][0].text != together[4][1].text  # seeds
     assert all(c.ok and c.completion_tokens >= 1 for x in together for c in x)
+
+
+def test_a_batch_that_fails_fails_its_requests_and_the_engine_goes_on(engine, monkeypatch):
+    real, failures = engine._decode_rows, [RuntimeError("out of memory")]
+
+    def decode(rows, *a):
+        if failures:
+            raise failures.pop()
+        return real(rows, *a)
+
+    monkeypatch.setattr(engine, "_decode_rows", decode)
+    bad = engine.chat([CONV, CONV], GREEDY)
+    assert [c.reason for x in bad for c in x] == ["engine_error"] * 2 and "out of memory" in bad[0][0].error
+    assert engine.chat([CONV], GREEDY)[0][0].ok  # the decoding thread lives on
 
 
 def test_a_batch_never_runs_a_row_past_its_context(engine):
@@ -341,14 +365,20 @@ def test_backend_error_fails_only_its_request(engine, monkeypatch):
 
     from ralm.llm.engines import ChatRequest
 
-    real = engine._generate
+    real, areal = engine._generate, engine._agenerate
 
     def gen(reqs):
         outs = real(reqs)
         outs[1] = RuntimeError("kaput")
         return outs
 
+    async def agen(reqs, progress=None):
+        outs = await areal(reqs, progress)
+        outs[1] = RuntimeError("kaput")
+        return outs
+
     monkeypatch.setattr(engine, "_generate", gen)
+    monkeypatch.setattr(engine, "_agenerate", agen)
     out = engine.chat([CONV, CONV, CONV], GREEDY, n=2)
     assert out[0][0].ok and out[2][1].ok
     assert [c.reason for c in out[1]] == ["engine_error"] * 2 and "RuntimeError: kaput" in out[1][0].error

@@ -1,16 +1,20 @@
 """The transformers engine: a fallback for models vLLM can't load, and an exact reference in tests.
 
-Concurrent requests are decoded together: a caller that finds the model busy queues its requests, and
-whoever takes the model next decodes everything queued in left-padded batches of
-`llm.serve.max_batch_size` rows (a Serve replica's requests arrive one per call from many threads).
-Sampling draws each row from its own seed (`SeededSampling`), so an answer does not depend on the
-requests it was batched with; a lone prompt is decoded unpadded, as `generate` would alone.
+Concurrent requests are decoded together: callers queue their requests and one thread owns the model,
+taking everything queued at once (after `llm.serve.batch_wait_timeout_s` when idle, so a burst arrives
+whole) and decoding it in left-padded batches of `llm.serve.max_batch_size` rows. A Serve replica's
+requests arrive one per call; waiting for them holds no thread. Sampling draws each row from its own
+seed (`SeededSampling`), so an answer does not depend on the requests it was batched with; a lone prompt
+is decoded unpadded, as `generate` would alone.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import queue
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -21,6 +25,8 @@ import torch
 
 from ralm.llm.engines import Engine, GenOutput, GenRequest, cut_at_eos, register
 from ralm.llm.sampling import GREEDY, SeededSampling, sample_seeds
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -50,31 +56,67 @@ class TransformersEngine(Engine):
         eos = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
         self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
-        self.max_batch_rows = int(getattr(getattr(llm_cfg, "serve", None), "max_batch_size", 8))
+        serve = getattr(llm_cfg, "serve", None)
+        self.max_batch_rows = int(getattr(serve, "max_batch_size", 8))
+        self.gather_s = float(getattr(serve, "batch_wait_timeout_s", 0.0))
         self._lock = threading.Lock()  # the model decodes one batch (or scores one pass) at a time
-        self._queue: queue.SimpleQueue[tuple[GenRequest, Future]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[GenRequest, Future] | None] = queue.SimpleQueue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._decode_loop, name="ralm-transformers-batches", daemon=True)
+        self._thread.start()
 
     # -------------------------------------------------------------------------------- generation
+    def _submit(self, requests: Sequence[GenRequest]) -> list[Future]:
+        if self._closed:
+            raise RuntimeError("the transformers engine is closed")
+        futures = []
+        for r in requests:
+            futures.append(Future())
+            self._queue.put((r, futures[-1]))
+        return futures
+
+    @staticmethod
+    def _outcome(fut: Future) -> list[GenOutput] | BaseException:
+        err = fut.exception()
+        return err if err is not None else fut.result()
+
     def _generate(self, requests: Sequence[GenRequest]) -> list[list[GenOutput] | BaseException]:
-        mine = [(r, Future()) for r in requests]
-        for item in mine:
-            self._queue.put(item)
-        with self._lock:
-            # Whoever holds the model decodes everything queued: ours unless a caller before us took them,
-            # in which case it resolved them before letting go of the model.
-            queued = []
-            while True:
+        return [self._outcome(f) for f in self._submit(requests)]
+
+    async def _agenerate(self, requests: Sequence[GenRequest], progress: Any = None
+                         ) -> list[list[GenOutput] | BaseException]:
+        futures = self._submit(requests)
+        try:
+            await asyncio.wait([asyncio.wrap_future(f) for f in futures])
+        except asyncio.CancelledError:  # the caller left: its rows are dropped unless already decoding
+            for f in futures:
+                f.cancel()
+            raise
+        return [self._outcome(f) for f in futures]
+
+    def _decode_loop(self) -> None:
+        while True:
+            first = self._queue.get()  # idle: sleep until there is work
+            if first is None:
+                return
+            if self.gather_s > 0:
+                time.sleep(self.gather_s)
+            queued, stop = [first], False
+            while True:  # everything that arrived meanwhile joins this round
                 try:
-                    queued.append(self._queue.get_nowait())
+                    item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-            if queued:
-                self._decode_queued(queued)
-        out: list[list[GenOutput] | BaseException] = []
-        for _, fut in mine:
-            err = fut.exception()
-            out.append(err if err is not None else fut.result())
-        return out
+                if item is None:
+                    stop = True
+                else:
+                    queued.append(item)
+            live = [(r, f) for r, f in queued if f.set_running_or_notify_cancel()]
+            if live:
+                with self._lock:
+                    self._decode_queued(live)
+            if stop:
+                return
 
     @torch.inference_mode()
     def _decode_queued(self, queued: list[tuple[GenRequest, Future]]) -> None:
@@ -105,11 +147,11 @@ class TransformersEngine(Engine):
                     fut.set_exception(failed[i])
                 else:  # a request's rows stay in order: the sort is stable and they share a prompt
                     fut.set_result(outs[i] if r.temperature > 0 else outs[i] * r.n)
-        except BaseException as e:  # nobody may wait forever on a request we took
+        except BaseException as e:  # noqa: BLE001 - nobody may wait forever on a request we took
+            log.exception("the transformers engine failed a batch")
             for _, fut in queued:
                 if not fut.done():
                     fut.set_exception(e)
-            raise
 
     def _batches(self, rows: Sequence[_Row]) -> list[list[_Row]]:
         """Rows sorted by prompt length -> batches of at most max_batch_rows in which every row fits the
@@ -152,4 +194,7 @@ class TransformersEngine(Engine):
         return out
 
     def close(self) -> None:
+        self._closed = True
+        self._queue.put(None)  # after what is queued: those are answered first
+        self._thread.join(timeout=600)
         self.model = None
