@@ -6,6 +6,7 @@ import math
 import shutil
 import threading
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -147,6 +148,25 @@ def test_a_batch_that_fails_fails_its_requests_and_the_engine_goes_on(engine, mo
     bad = engine.chat([CONV, CONV], GREEDY)
     assert [c.reason for x in bad for c in x] == ["engine_error"] * 2 and "out of memory" in bad[0][0].error
     assert engine.chat([CONV], GREEDY)[0][0].ok  # the decoding thread lives on
+
+
+def test_streamed_requests_report_their_text_after_each_step(engine):
+    """`achat_requests(on_text=...)` on the transformers engine: every sample's text grows a piece at a time
+    to its final answer (greedy copies alike), requests in one batch reported apart."""
+    import asyncio
+
+    from ralm.llm.engines import ChatRequest
+
+    seen: dict[tuple[int, int], list[str]] = defaultdict(list)
+    reqs = [ChatRequest(CONV, Sampling(temperature=1.0, top_p=1.0, max_new_tokens=10, seed=3), 2),
+            ChatRequest(_convs(2)[1], Sampling.of({"temperature": 0.0, "max_new_tokens": 10}), 2)]
+    out = asyncio.run(engine.achat_requests(reqs, on_text=lambda i, j, text: seen[(i, j)].append(text)))
+    assert sorted(seen) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for (i, j), texts in seen.items():
+        final = out[i][j].text
+        assert all(final.startswith(t) for t in texts) and texts == sorted(set(texts), key=len)  # grows
+        assert texts[-1] == final and len(texts) >= 2  # token by token, not the whole answer at the end
+    assert seen[(1, 0)] == seen[(1, 1)]
 
 
 def test_a_batch_never_runs_a_row_past_its_context(engine):

@@ -190,7 +190,7 @@ class Engine:
                              on_text: OnProgress | None = None) -> list[list[Completion]]:
         """`chat_requests` for an event loop (a Serve replica): the same steps, awaiting `_agenerate`.
         `on_text(request, sample, text so far)` follows the answers while they are generated, on backends that
-        can (vLLM; it is called from the engine's thread); the returned Completions are the final word."""
+        can (vLLM, transformers; it is called from the engine's thread); the returned Completions are the final word."""
         results, plans, phase1 = self._plan(requests)
         if phase1:
             progress1 = None if on_text is None else [_sample_progress(on_text, i) for i, *_ in plans]

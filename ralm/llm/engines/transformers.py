@@ -5,7 +5,7 @@ taking everything queued at once (after `llm.serve.batch_wait_timeout_s` when id
 whole) and decoding it in left-padded batches of `llm.serve.max_batch_size` rows. A Serve replica's
 requests arrive one per call; waiting for them holds no thread. Sampling draws each row from its own
 seed (`SeededSampling`), so an answer does not depend on the requests it was batched with; a lone prompt
-is decoded unpadded, as `generate` would alone.
+is decoded unpadded, as `generate` would alone. Streamed requests report their text after each step.
 """
 
 from __future__ import annotations
@@ -16,14 +16,15 @@ import queue
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 
-from ralm.llm.engines import Engine, GenOutput, GenRequest, cut_at_eos, register
+from ralm.llm.engines import Engine, GenOutput, GenRequest, SampleProgress, cut_at_eos, register
 from ralm.llm.sampling import GREEDY, SeededSampling, sample_seeds
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,48 @@ class _Row:
     prompt_ids: list[int]
     max_tokens: int
     seed: int | None
+    report: Callable[[str], None] | None = None  # the text so far -> the request's progress, streamed
+
+
+class _Progress:
+    """`generate(streamer=...)` for a batch: after each step, each streamed row's text so far (up to its
+    EOS and max_tokens) goes to its `report`. An error in a report is logged; the batch goes on."""
+
+    def __init__(self, rows: Sequence[_Row], tokenizer: Any, eos_ids: set[int]) -> None:
+        self.rows, self.tokenizer, self.eos_ids = rows, tokenizer, eos_ids
+        self.tokens: list[list[int]] = [[] for _ in rows]
+        self.texts = [""] * len(rows)
+        self.done = [row.report is None for row in rows]
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate's first put is the prompt
+            self.prompt_seen = True
+            return
+        for k, token in enumerate(value.reshape(len(self.rows), -1)[:, -1].tolist()):
+            if self.done[k]:
+                continue
+            row, toks = self.rows[k], self.tokens[k]
+            if token in self.eos_ids:
+                self.done[k] = True
+                continue
+            toks.append(token)
+            self.done[k] = len(toks) >= row.max_tokens
+            text = self.tokenizer.decode(toks, skip_special_tokens=True)
+            if text != self.texts[k]:
+                self.texts[k] = text
+                try:
+                    row.report(text)  # type: ignore[misc]
+                except Exception:  # noqa: BLE001 - a reader's error must not stop the batch for everyone
+                    log.exception("a streamed request's progress callback failed")
+
+    def end(self) -> None:
+        pass
+
+
+def _to_every_sample(progress: SampleProgress, n: int, text: str) -> None:
+    for j in range(n):  # a greedy request's n samples are one decode
+        progress(j, text)
 
 
 @register("transformers")
@@ -66,13 +109,14 @@ class TransformersEngine(Engine):
         self._thread.start()
 
     # -------------------------------------------------------------------------------- generation
-    def _submit(self, requests: Sequence[GenRequest]) -> list[Future]:
+    def _submit(self, requests: Sequence[GenRequest], progress: Sequence[SampleProgress | None] | None = None
+                ) -> list[Future]:
         if self._closed:
             raise RuntimeError("the transformers engine is closed")
         futures = []
-        for r in requests:
+        for r, report in zip(requests, progress or [None] * len(requests), strict=True):
             futures.append(Future())
-            self._queue.put((r, futures[-1]))
+            self._queue.put((r, futures[-1], report))
         return futures
 
     @staticmethod
@@ -83,9 +127,10 @@ class TransformersEngine(Engine):
     def _generate(self, requests: Sequence[GenRequest]) -> list[list[GenOutput] | BaseException]:
         return [self._outcome(f) for f in self._submit(requests)]
 
-    async def _agenerate(self, requests: Sequence[GenRequest], progress: Any = None
+    async def _agenerate(self, requests: Sequence[GenRequest], progress: Sequence[SampleProgress | None] | None = None
                          ) -> list[list[GenOutput] | BaseException]:
-        futures = self._submit(requests)
+        """`progress` (per request, or None): called on the decoding thread with (sample, text so far)."""
+        futures = self._submit(requests, progress)
         try:
             await asyncio.wait([asyncio.wrap_future(f) for f in futures])
         except asyncio.CancelledError:  # the caller left: its rows are dropped unless already decoding
@@ -94,7 +139,7 @@ class TransformersEngine(Engine):
             raise
         return [self._outcome(f) for f in futures]
 
-    def _decode_loop(self) -> None:
+    def _decode_loop(self) -> None:  # the one thread that runs the model's generate
         while True:
             first = self._queue.get()  # idle: sleep until there is work
             if first is None:
@@ -111,7 +156,7 @@ class TransformersEngine(Engine):
                     stop = True
                 else:
                     queued.append(item)
-            live = [(r, f) for r, f in queued if f.set_running_or_notify_cancel()]
+            live = [item for item in queued if item[1].set_running_or_notify_cancel()]
             if live:
                 with self._lock:
                     self._decode_queued(live)
@@ -119,15 +164,17 @@ class TransformersEngine(Engine):
                 return
 
     @torch.inference_mode()
-    def _decode_queued(self, queued: list[tuple[GenRequest, Future]]) -> None:
+    def _decode_queued(self, queued: list[tuple[GenRequest, Future, SampleProgress | None]]) -> None:
         try:
             groups: dict[tuple[float, float], list[_Row]] = defaultdict(list)  # (0, 0): greedy
-            for i, (r, _) in enumerate(queued):
+            for i, (r, _, progress) in enumerate(queued):
                 if r.temperature > 0:
-                    for seed in sample_seeds(r.seed, r.n):
-                        groups[(r.temperature, r.top_p)].append(_Row(i, r.prompt_ids, r.max_tokens, seed))
+                    for j, seed in enumerate(sample_seeds(r.seed, r.n)):
+                        report = None if progress is None else partial(progress, j)
+                        groups[(r.temperature, r.top_p)].append(_Row(i, r.prompt_ids, r.max_tokens, seed, report))
                 else:  # greedy samples are identical: decode once, repeat below
-                    groups[(0.0, 0.0)].append(_Row(i, r.prompt_ids, r.max_tokens, None))
+                    report = None if progress is None else partial(_to_every_sample, progress, r.n)
+                    groups[(0.0, 0.0)].append(_Row(i, r.prompt_ids, r.max_tokens, None, report))
             outs: dict[int, list[GenOutput]] = defaultdict(list)
             failed: dict[int, BaseException] = {}
             for (temperature, top_p), rows in groups.items():
@@ -142,14 +189,14 @@ class TransformersEngine(Engine):
                         toks, finish = cut_at_eos(toks[:row.max_tokens], self.eos_ids)
                         outs[row.request].append(
                             GenOutput(toks, self.tokenizer.decode(toks, skip_special_tokens=True), finish))
-            for i, (r, fut) in enumerate(queued):
+            for i, (r, fut, _) in enumerate(queued):
                 if i in failed:
                     fut.set_exception(failed[i])
                 else:  # a request's rows stay in order: the sort is stable and they share a prompt
                     fut.set_result(outs[i] if r.temperature > 0 else outs[i] * r.n)
         except BaseException as e:  # noqa: BLE001 - nobody may wait forever on a request we took
             log.exception("the transformers engine failed a batch")
-            for _, fut in queued:
+            for _, fut, _ in queued:
                 if not fut.done():
                     fut.set_exception(e)
 
@@ -175,9 +222,10 @@ class TransformersEngine(Engine):
             ids[k, width - len(row.prompt_ids):] = torch.tensor(row.prompt_ids)
             mask[k, width - len(row.prompt_ids):] = 1
         sampling = SeededSampling([row.seed for row in rows], temperature, top_p).kwargs() if temperature > 0 else {}
+        streamer = _Progress(rows, self.tokenizer, self.eos_ids) if any(row.report for row in rows) else None
         out = self.model.generate(
             ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=max(r.max_tokens for r in rows),
-            eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id, **GREEDY, **sampling,
+            eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id, streamer=streamer, **GREEDY, **sampling,
         )
         return out[:, width:].tolist()
 
