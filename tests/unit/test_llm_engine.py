@@ -169,6 +169,24 @@ def test_streamed_requests_report_their_text_after_each_step(engine):
     assert seen[(1, 0)] == seen[(1, 1)]
 
 
+def test_close_answers_what_is_queued_then_refuses(tiny: str):
+    from ralm.llm.engines import GenRequest
+
+    eng = _engine(tiny)
+    closing = threading.Thread(target=eng.close)
+    with eng._lock:  # busy: the requests wait while close() is called
+        queued = eng._submit([GenRequest([1, 2, 3], 3, 0.0, 1.0, None), GenRequest([4, 5], 3, 0.0, 1.0, None)])
+        closing.start()
+        deadline = time.monotonic() + 120  # a guard, not a timing
+        while not eng._closed and time.monotonic() < deadline:
+            time.sleep(0.01)
+    closing.join(120)
+    assert not closing.is_alive()
+    assert all(f.result(timeout=1)[0].finish_reason in ('stop', 'length') for f in queued)  # answered first
+    with pytest.raises(RuntimeError, match="engine is closed"):
+        eng.chat([CONV], GREEDY)
+
+
 def test_a_batch_never_runs_a_row_past_its_context(engine):
     """A batch decodes for its longest max_tokens: a row is put with others only where its prompt plus that
     still fits the model (positions past it would be garbage, or an index error in learned embeddings)."""

@@ -103,20 +103,22 @@ class TransformersEngine(Engine):
         self.max_batch_rows = int(getattr(serve, "max_batch_size", 8))
         self.gather_s = float(getattr(serve, "batch_wait_timeout_s", 0.0))
         self._lock = threading.Lock()  # the model decodes one batch (or scores one pass) at a time
-        self._queue: queue.SimpleQueue[tuple[GenRequest, Future] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[GenRequest, Future, SampleProgress | None] | None] = queue.SimpleQueue()
         self._closed = False
+        self._closing = threading.Lock()  # nothing is queued behind close()'s stop: it would wait forever
         self._thread = threading.Thread(target=self._decode_loop, name="ralm-transformers-batches", daemon=True)
         self._thread.start()
 
     # -------------------------------------------------------------------------------- generation
     def _submit(self, requests: Sequence[GenRequest], progress: Sequence[SampleProgress | None] | None = None
                 ) -> list[Future]:
-        if self._closed:
-            raise RuntimeError("the transformers engine is closed")
         futures = []
-        for r, report in zip(requests, progress or [None] * len(requests), strict=True):
-            futures.append(Future())
-            self._queue.put((r, futures[-1], report))
+        with self._closing:
+            if self._closed:
+                raise RuntimeError("the transformers engine is closed")
+            for r, report in zip(requests, progress or [None] * len(requests), strict=True):
+                futures.append(Future())
+                self._queue.put((r, futures[-1], report))
         return futures
 
     @staticmethod
@@ -242,7 +244,10 @@ class TransformersEngine(Engine):
         return out
 
     def close(self) -> None:
-        self._closed = True
-        self._queue.put(None)  # after what is queued: those are answered first
+        with self._closing:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(None)  # after what is queued: those are answered first
         self._thread.join(timeout=600)
         self.model = None
