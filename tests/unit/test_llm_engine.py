@@ -182,7 +182,7 @@ def test_close_answers_what_is_queued_then_refuses(tiny: str):
             time.sleep(0.01)
     closing.join(120)
     assert not closing.is_alive()
-    assert all(f.result(timeout=1)[0].finish_reason in ('stop', 'length') for f in queued)  # answered first
+    assert all(f.result(timeout=1)[0].finish_reason in ("stop", "length") for f in queued)  # answered first
     with pytest.raises(RuntimeError, match="engine is closed"):
         eng.chat([CONV], GREEDY)
 
