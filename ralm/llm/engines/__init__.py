@@ -20,6 +20,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -304,6 +305,40 @@ class Engine:
             for k, lps in zip(keep, self._prompt_logprobs(seqs, starts), strict=True):
                 out[k] = -sum(lps) / len(lps)
         return out
+
+
+class ScheduledEngine(Engine):
+    """An engine whose own thread schedules the model (vLLM's step loop, the transformers engine's batch
+    loop): callers `_submit` requests and wait on their futures, a coroutine without holding a thread, so
+    requests from many callers share the model's batches."""
+
+    def _submit(self, requests: Sequence[GenRequest], progress: Sequence[SampleProgress | None] | None = None
+                ) -> list[Future]:
+        """One future per request; `progress` (per request, or None): reported from the engine's thread."""
+        raise NotImplementedError
+
+    def _outputs(self, fut: Future) -> list[GenOutput] | BaseException:
+        """A finished request's n outputs, or the exception that failed it (blocks until it finished)."""
+        err = fut.exception()
+        return err if err is not None else fut.result()
+
+    def _give_up(self, futures: Sequence[Future]) -> None:
+        """The caller left: stop computing these requests (those not started yet at least)."""
+        for f in futures:
+            f.cancel()
+
+    def _generate(self, requests: Sequence[GenRequest]) -> list[list[GenOutput] | BaseException]:
+        return [self._outputs(f) for f in self._submit(requests)]
+
+    async def _agenerate(self, requests: Sequence[GenRequest], progress: Sequence[SampleProgress | None] | None = None
+                         ) -> list[list[GenOutput] | BaseException]:
+        futures = self._submit(requests, progress)
+        try:
+            await asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
+        except asyncio.CancelledError:  # the caller gave up (client timeout, replica draining)
+            self._give_up(futures)
+            raise
+        return [self._outputs(f) for f in futures]
 
 
 # ---------------------------------------------------------------------------------------------- registry

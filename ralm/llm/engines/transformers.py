@@ -10,7 +10,6 @@ is decoded unpadded, as `generate` would alone. Streamed requests report their t
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import queue
 import threading
@@ -24,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ralm.llm.engines import Engine, GenOutput, GenRequest, SampleProgress, cut_at_eos, register
+from ralm.llm.engines import GenOutput, GenRequest, SampleProgress, ScheduledEngine, cut_at_eos, register
 from ralm.llm.sampling import GREEDY, SeededSampling, sample_seeds
 
 log = logging.getLogger(__name__)
@@ -85,7 +84,7 @@ def _to_every_sample(progress: SampleProgress, n: int, text: str) -> None:
 
 
 @register("transformers")
-class TransformersEngine(Engine):
+class TransformersEngine(ScheduledEngine):
     def __init__(self, llm_cfg: Any, model_path: str) -> None:
         super().__init__(llm_cfg, model_path)
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -120,26 +119,6 @@ class TransformersEngine(Engine):
                 futures.append(Future())
                 self._queue.put((r, futures[-1], report))
         return futures
-
-    @staticmethod
-    def _outcome(fut: Future) -> list[GenOutput] | BaseException:
-        err = fut.exception()
-        return err if err is not None else fut.result()
-
-    def _generate(self, requests: Sequence[GenRequest]) -> list[list[GenOutput] | BaseException]:
-        return [self._outcome(f) for f in self._submit(requests)]
-
-    async def _agenerate(self, requests: Sequence[GenRequest], progress: Sequence[SampleProgress | None] | None = None
-                         ) -> list[list[GenOutput] | BaseException]:
-        """`progress` (per request, or None): called on the decoding thread with (sample, text so far)."""
-        futures = self._submit(requests, progress)
-        try:
-            await asyncio.wait([asyncio.wrap_future(f) for f in futures])
-        except asyncio.CancelledError:  # the caller left: its rows are dropped unless already decoding
-            for f in futures:
-                f.cancel()
-            raise
-        return [self._outcome(f) for f in futures]
 
     def _decode_loop(self) -> None:  # the one thread that runs the model's generate
         while True:

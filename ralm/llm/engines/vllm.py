@@ -15,7 +15,6 @@ are per request; if the loop itself dies, every pending and later request fails 
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import os
@@ -26,7 +25,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, Future, InvalidStateError
 from typing import Any
 
-from ralm.llm.engines import Engine, GenOutput, GenRequest, SampleProgress, register
+from ralm.llm.engines import GenOutput, GenRequest, SampleProgress, ScheduledEngine, register
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +285,7 @@ def _reporter(report: SampleProgress, n: int, copies: int) -> Callable[[list[Any
 
 
 @register("vllm")
-class VLLMEngine(Engine):
+class VLLMEngine(ScheduledEngine):
     def __init__(self, llm_cfg: Any, model_path: str) -> None:
         super().__init__(llm_cfg, model_path)
         self.llm = start_vllm(model_path, llm_cfg)
@@ -322,8 +321,7 @@ class VLLMEngine(Engine):
             futs.append(fut)
         return futs
 
-    @staticmethod
-    def _outputs(fut: Future) -> list[GenOutput] | BaseException:
+    def _outputs(self, fut: Future) -> list[GenOutput] | BaseException:
         err = fut.exception()  # blocks until the request finished
         if err is not None:
             return err
@@ -331,18 +329,8 @@ class VLLMEngine(Engine):
         return [GenOutput(list(c.token_ids), c.text, "stop" if c.finish_reason == "stop" else "length")
                 for _ in range(getattr(fut, "copies", 1)) for c in choices]
 
-    def _generate(self, requests: Sequence[GenRequest]) -> list[list[GenOutput] | BaseException]:
-        return [self._outputs(f) for f in self._submit(requests)]
-
-    async def _agenerate(self, requests: Sequence[GenRequest], progress: Sequence[SampleProgress | None] | None = None
-                         ) -> list[list[GenOutput] | BaseException]:
-        futs = self._submit(requests, progress)
-        try:
-            await asyncio.gather(*(asyncio.wrap_future(f) for f in futs), return_exceptions=True)
-        except asyncio.CancelledError:  # the caller gave up (client timeout, replica draining): stop computing
-            self._loop.abort(futs)
-            raise
-        return [self._outputs(f) for f in futs]
+    def _give_up(self, futures: Sequence[Future]) -> None:
+        self._loop.abort(futures)  # vLLM stops computing them
 
     def _prompt_logprobs(self, sequences: Sequence[list[int]], start: Sequence[int]) -> list[list[float]]:
         from vllm import SamplingParams
